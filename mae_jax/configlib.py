@@ -1,0 +1,117 @@
+"""Shared config pieces and validation.
+
+Every `configs/<method>.py` starts from `base_config()` and adds its method's keys, so the
+keys of the shared loop (data, optimizer, schedule, checkpoints, logging) are spelled the same
+everywhere. Configs are locked: `--config.some_typo=1` is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mae_jax.errors import UserError
+
+# ImageNet statistics, as in the official MAE/timm pipelines.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dataset_config(name: str = "mae_jax_digits") -> ml_collections.ConfigDict:
+  """Where images come from and how they are augmented for pretraining."""
+  d = ml_collections.ConfigDict()
+  # A tensorflow-datasets name (e.g. 'imagenet2012'), 'mae_jax_digits' (the embedded
+  # default, prepared from scikit-learn's bundled digits), or 'folder' (see `folder`).
+  d.name = name
+  d.data_dir = ""  # tfds data_dir; '' = tfds default. gs:// works.
+  d.folder = ""  # with name='folder': a folder of images, flat or one sub-folder per class.
+  d.val_fraction = 0.1  # folder without train/ and val/ sub-folders: every k-th file held out.
+  d.train_split = "train"
+  d.eval_split = "validation"
+  d.shuffle_buffer = 10_000
+  d.crop_min_scale = 0.2  # RandomResizedCrop(scale=(crop_min_scale, 1)), bicubic.
+  d.hflip = True
+  d.mean = IMAGENET_MEAN
+  d.std = IMAGENET_STD
+  d.prefetch = 2  # host batches prepared ahead of the train step.
+  return d
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Keys shared by every pretraining method."""
+  c = ml_collections.ConfigDict()
+  c.task = "pretrain"
+  c.method = ""  # module name under mae_jax/methods.
+  c.seed = 0
+  c.image_size = 224
+  c.dataset = dataset_config()
+
+  # Batch and schedule. batch_size is the GLOBAL batch of one optimizer update;
+  # grad_accum_steps splits it into that many micro-batches inside the jitted step.
+  c.batch_size = 4096
+  c.grad_accum_steps = 1
+  c.num_epochs = 800.0
+  c.total_steps = 0  # > 0 overrides num_epochs (handy for smoke tests and benchmarks).
+  c.warmup_epochs = 40.0
+
+  # AdamW with lr = base_lr * batch_size / 256, as in the official MAE.
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.base_lr = 1.5e-4
+  c.optimizer.min_lr = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.grad_clip_norm = 0.0  # 0 = no clipping (official MAE pretraining clips nothing).
+
+  # Checkpoints (Orbax, async) under WORKDIR/checkpoints.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+
+  # Logging: progress line + TensorBoard + WORKDIR/metrics.jsonl.
+  c.log_every_steps = 50
+  return c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  config.lock()
+  return config
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise UserError(msg)
+
+
+def validate_common(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks the shared keys; raises UserError with one line naming the problem."""
+  _check(c.image_size > 0, f"config.image_size must be positive, got {c.image_size}")
+  _check(c.batch_size > 0, f"config.batch_size must be positive, got {c.batch_size}")
+  _check(c.grad_accum_steps >= 1,
+         f"config.grad_accum_steps must be >= 1, got {c.grad_accum_steps}")
+  _check(c.batch_size % c.grad_accum_steps == 0,
+         f"config.batch_size={c.batch_size} is not divisible by "
+         f"config.grad_accum_steps={c.grad_accum_steps}")
+  if num_devices is not None:
+    micro = c.batch_size // c.grad_accum_steps
+    _check(micro % num_devices == 0,
+           f"global batch per micro-step ({micro} = config.batch_size / "
+           f"config.grad_accum_steps) is not divisible by the {num_devices} devices")
+  _check(c.num_epochs > 0 or c.total_steps > 0,
+         "config.num_epochs or config.total_steps must be positive")
+  _check(c.warmup_epochs >= 0, f"config.warmup_epochs must be >= 0, got {c.warmup_epochs}")
+  _check(c.optimizer.base_lr > 0, f"config.optimizer.base_lr must be positive, got "
+         f"{c.optimizer.base_lr}")
+  _check(0 <= c.optimizer.b1 < 1 and 0 <= c.optimizer.b2 < 1,
+         "config.optimizer.b1 and b2 must be in [0, 1)")
+  _check(c.optimizer.weight_decay >= 0, "config.optimizer.weight_decay must be >= 0")
+  _check(c.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be positive")
+  _check(c.keep_checkpoints > 0, "config.keep_checkpoints must be positive")
+  _check(c.log_every_steps > 0, "config.log_every_steps must be positive")
+  d = c.dataset
+  _check(0 < d.crop_min_scale <= 1,
+         f"config.dataset.crop_min_scale must be in (0, 1], got {d.crop_min_scale}")
+  _check(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+         "config.dataset.mean and std must have 3 entries, std positive")
+  _check(0 <= d.val_fraction < 1,
+         f"config.dataset.val_fraction must be in [0, 1), got {d.val_fraction}")
+  if d.name == "folder":
+    _check(bool(d.folder), "config.dataset.name='folder' needs config.dataset.folder=PATH")

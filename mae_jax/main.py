@@ -1,0 +1,82 @@
+r"""Command-line entry point.
+
+  python -m mae_jax.main --config=configs/mae.py[:variant] --workdir=DIR [--config.KEY=VALUE ...]
+
+Dispatches on `config.task`. Problems the user can fix (bad config values, unknown keys, missing
+datasets, unwritable workdirs, mismatched checkpoints) end with one line on stderr and exit code 2;
+nothing in an existing workdir is touched before the config, data and workdir are validated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# TensorFlow is only the input pipeline: keep its C++ logging quiet and off the accelerators.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mae_jax.errors import UserError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_b16",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  # config_flags wraps override errors; keep the innermost useful sentence.
+  return text.splitlines()[-1] if text else type(e).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors (unknown keys, bad values, unknown variants)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_first_line(e))
+  except KeyError as e:  # a --config.KEY override for a key the config does not have.
+    fail(f"unknown config key {e.args[0] if e.args else e} (keys are locked; see the config file)")
+  except (AttributeError, TypeError, ValueError) as e:
+    # Raised by config_flags while loading the config or applying --config.* overrides.
+    fail(f"bad --config: {_first_line(e)}")
+  return []
+
+
+def run(config, workdir: str) -> None:
+  # Imported here so that flag errors answer fast, without loading JAX and TensorFlow.
+  from mae_jax import train
+  tasks = {"pretrain": train.pretrain}
+  if config.task not in tasks:
+    raise UserError(f"unknown config.task {config.task!r}; one of {sorted(tasks)}")
+  tasks[config.task](config, workdir)
+
+
+def main(argv: list[str]) -> None:
+  logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise on the console.
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None:
+    fail("--config is required, e.g. --config=configs/mae.py")
+  if not _WORKDIR.value:
+    fail("--workdir is required")
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    fail(str(e))
+  except KeyboardInterrupt:
+    print("interrupted; the latest checkpoint is kept", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

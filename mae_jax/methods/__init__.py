@@ -1,0 +1,28 @@
+"""Pretraining methods. A method is a model, a masking rule and a loss; nothing else.
+
+Each method is one module `mae_jax/methods/<name>.py` that defines a class `Method` (a subclass of
+`mae_jax.methods.base.Method`). `config.method = '<name>'` selects it; the training loop never
+names a method, so adding one needs no edit outside its module and its config.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from mae_jax.errors import UserError
+from mae_jax.methods.base import Method
+
+
+def get_method(config) -> Method:
+  """Instantiates `mae_jax.methods.<config.method>.Method(config)`; validates its keys."""
+  name = config.method
+  if not name or not name.isidentifier() or name == "base":
+    raise UserError(f"config.method={name!r} is not a method name")
+  module_name = f"mae_jax.methods.{name}"
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name == module_name:
+      raise UserError(f"unknown method {name!r}: there is no mae_jax/methods/{name}.py") from None
+    raise
+  return module.Method(config)

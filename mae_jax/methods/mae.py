@@ -1,0 +1,130 @@
+"""MAE (He et al. 2021): asymmetric encoder on visible patches, light decoder, pixel targets.
+
+Follows the official facebookresearch/mae `models_mae.py`: random masking by argsort of noise,
+encoder on the kept patches only, decoder with mask tokens, normalized-pixel target with the
+unbiased per-patch variance, mean squared error on masked patches only.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mae_jax import masking
+from mae_jax.errors import UserError
+from mae_jax.methods import base
+from mae_jax.models.decoder import MAEDecoder
+from mae_jax.models.vit import ViT, parse_variant
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, h*w, p*p*C], pixel order (p, q, c) as the official `patchify`."""
+  b, hh, ww, c = images.shape
+  p = patch_size
+  h, w = hh // p, ww // p
+  x = images.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)  # [B, h, w, p, q, c]
+  return x.reshape(b, h * w, p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int]) -> jax.Array:
+  """Inverse of `patchify`: [B, h*w, p*p*C] -> [B, h*p, w*p, C]."""
+  b = patches.shape[0]
+  h, w = grid
+  p = patch_size
+  c = patches.shape[-1] // (p * p)
+  x = patches.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c)
+
+
+def pixel_targets(images: jax.Array, patch_size: int, norm_pix: bool) -> jax.Array:
+  """Per-patch regression targets [B, L, p*p*3].
+
+  With norm_pix, each patch is normalized by its own mean and UNBIASED variance (ddof=1, torch's
+  `var` default used by the official code; jnp.var defaults to ddof=0), eps 1e-6.
+  """
+  target = patchify(images, patch_size).astype(jnp.float32)
+  if norm_pix:
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, ddof=1, keepdims=True)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  return target
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over pixels per patch, then mean over masked patches: sum(l * m) / sum(m)."""
+  per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)  # [B, L]
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+class MAE(nn.Module):
+  """Encoder on the kept patches + decoder over all positions."""
+  encoder: ViT
+  decoder: MAEDecoder
+
+  def __call__(self, images, ids_keep, ids_restore, train: bool = False):
+    latent = self.encoder(images, ids_keep, train=train)  # [B, 1 + N_vis, D]
+    return self.decoder(latent, ids_restore)  # [B, L, p*p*3]
+
+
+def check_model_config(config) -> tuple[ViT, tuple[int, int]]:
+  """The encoder named by config.model.variant and its patch grid; UserError if they don't fit."""
+  try:
+    size = parse_variant(config.model.variant)
+  except ValueError as e:
+    raise UserError(f"config.model.variant: {e}") from None
+  if config.image_size % size.patch_size:
+    raise UserError(f"config.image_size={config.image_size} is not divisible by the patch size "
+                    f"{size.patch_size} of config.model.variant={config.model.variant!r}")
+  if not 0.0 < config.mask_ratio < 1.0:
+    raise UserError(f"config.mask_ratio must be in (0, 1), got {config.mask_ratio}")
+  encoder = ViT.from_variant(config.model.variant, drop_path_rate=config.model.drop_path_rate)
+  g = config.image_size // size.patch_size
+  return encoder, (g, g)
+
+
+class Method(base.Method):
+  """MAE pretraining: config.model.{variant, decoder_*}, config.mask_ratio, config.norm_pix_loss."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    encoder, self.grid = check_model_config(config)
+    self.patch_size = encoder.patch_size
+    self.num_patches = self.grid[0] * self.grid[1]
+    self.num_keep = masking.num_visible(self.num_patches, config.mask_ratio)
+    if not 1 <= self.num_keep < self.num_patches:
+      raise UserError(f"config.mask_ratio={config.mask_ratio} keeps {self.num_keep} of "
+                      f"{self.num_patches} patches; at least one must be kept and one masked")
+    m = config.model
+    if m.decoder_width % 4 or m.decoder_width % m.decoder_heads:
+      raise UserError(f"config.model.decoder_width={m.decoder_width} must be divisible by 4 and "
+                      f"by config.model.decoder_heads={m.decoder_heads}")
+    decoder = MAEDecoder(width=m.decoder_width, depth=m.decoder_depth, num_heads=m.decoder_heads,
+                         out_dim=self.patch_size**2 * 3, grid=self.grid)
+    self._model = MAE(encoder=encoder, decoder=decoder)
+
+  @property
+  def model(self) -> MAE:
+    return self._model
+
+  def draw_mask(self, rng: jax.Array, batch: int) -> masking.RandomMask:
+    return masking.random_mask(rng, batch, self.num_patches, self.num_keep)
+
+  def init_params(self, rng, images):
+    m = self.draw_mask(rng, images.shape[0])
+    return self.model.init({"params": rng}, images, m.ids_keep, m.ids_restore)["params"]
+
+  def predict(self, params, images, rng, train: bool = False):
+    """(pred [B, L, p*p*3], mask [B, L]) for one random mask drawn from `rng`."""
+    mask_rng, drop_rng = jax.random.split(rng)
+    m = self.draw_mask(mask_rng, images.shape[0])
+    pred = self.model.apply({"params": params}, images, m.ids_keep, m.ids_restore, train=train,
+                            rngs={"dropout": drop_rng})
+    return pred, m.mask
+
+  def loss(self, params, batch, rng, train=True):
+    images = batch["image"]
+    pred, mask = self.predict(params, images, rng, train=train)
+    target = pixel_targets(images, self.patch_size, self.config.norm_pix_loss)
+    loss = masked_mse(pred, target, mask)
+    return loss, {"loss": loss}

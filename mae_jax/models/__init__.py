@@ -1,0 +1,1 @@
+"""Model building blocks: ViT encoder and the MAE decoder."""

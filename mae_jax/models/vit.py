@@ -1,0 +1,201 @@
+"""Vision Transformer encoder as pure-functional Flax Linen modules.
+
+Numerics follow the official MAE / timm ViT so that exported weights reproduce our features:
+LayerNorm eps 1e-6, exact (erf) GELU, xavier-uniform Linear layers, a xavier-uniform patch
+embedding over the flattened (p, p, 3) kernel, cls token normal(0.02), and a fixed 2-D sin-cos
+position embedding in the official channel order. Parameter names mirror the official ones
+(`patch_embed/proj`, `blocks_{i}/attn/qkv`, `norm`, ...) so conversion is a rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name -> (width, depth, heads); MLP ratio is 4 for all.
+SIZES = {
+    "Mu": (128, 4, 4),  # CPU demo size, not from a paper.
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int
+  mlp_ratio: float = 4.0
+
+
+def parse_variant(variant: str) -> ViTSize:
+  """'B/16' -> ViTSize(768, 12, 12, 16). Raises ValueError for unknown names."""
+  m = re.fullmatch(r"(\w+)/(\d+)", variant)
+  if not m or m.group(1) not in SIZES:
+    raise ValueError(f"unknown ViT variant {variant!r}; expected NAME/PATCH with NAME in "
+                     f"{sorted(SIZES)} (e.g. 'B/16')")
+  width, depth, heads = SIZES[m.group(1)]
+  return ViTSize(width, depth, heads, int(m.group(2)))
+
+
+# Official MAE initializes every nn.Linear with xavier_uniform and bias 0.
+dense_init = nn.initializers.xavier_uniform()
+# The official code applies xavier_uniform to the patch-embedding weight viewed as [D, 3*p*p]:
+# fan_in = p*p*3, fan_out = D (flax's default conv fans would multiply the receptive field in).
+patch_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
+token_init = nn.initializers.normal(stddev=0.02)
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """[M] positions -> [M, dim] as [sin(pos*w_k), cos(pos*w_k)], w_k = 1/10000^(k/(dim/2))."""
+  assert dim % 2 == 0
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding, [grid_h*grid_w (+1), dim], float32.
+
+  As the official MAE: the first dim/2 channels encode the column (w) index, the last dim/2 the
+  row (h) index; row-major flatten over (h, w); an all-zero row is prepended for the cls token.
+  """
+  if dim % 4 != 0:
+    raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+  hh, ww = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  emb = np.concatenate([sincos_1d(dim // 2, ww), sincos_1d(dim // 2, hh)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches -> tokens: [B, H, W, C] -> [B, H/p * W/p, D]."""
+  width: int
+  patch_size: int
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init,
+                name="proj")(x)
+    b, h, w, d = x.shape
+    return x.reshape(b, h * w, d)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection (as timm / official MAE)."""
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    head_dim = d // self.num_heads
+    qkv = nn.Dense(3 * d, kernel_init=dense_init, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+    attn = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+    self.sow("intermediates", "attention", attn)  # [B, heads, N, N], for analysis only.
+    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+    return nn.Dense(d, kernel_init=dense_init, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden, kernel_init=dense_init, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)  # exact erf GELU, as torch.nn.GELU().
+    return nn.Dense(d, kernel_init=dense_init, name="fc2")(x)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per example; identity when deterministic or rate == 0."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return x * mask.astype(x.dtype) / keep
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    d = x.shape[-1]
+    y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
+    y = Attention(self.num_heads, name="attn")(y)
+    x = x + DropPath(self.drop_path)(y, deterministic)
+    y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
+    y = Mlp(int(d * self.mlp_ratio), name="mlp")(y)
+    return x + DropPath(self.drop_path)(y, deterministic)
+
+
+def gather_tokens(x, ids):
+  """x: [B, N, D], ids: [B, M] int -> [B, M, D] (static shapes; no boolean indexing)."""
+  return jnp.take_along_axis(x, ids[:, :, None], axis=1)
+
+
+class ViT(nn.Module):
+  """ViT encoder with cls token and fixed sin-cos position embedding.
+
+  `__call__(images, ids_keep)`: images [B, H, W, 3] (NHWC, normalized). If `ids_keep` [B, M] is
+  given only those patch tokens are encoded (MAE's asymmetric encoder); position embeddings are
+  added before the gather and the cls token is prepended after it, as in the official MAE.
+  Returns the final-normed tokens [B, 1 + M, D] (cls first).
+  """
+  width: int
+  depth: int
+  num_heads: int
+  patch_size: int
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+
+  @classmethod
+  def from_variant(cls, variant: str, **kwargs) -> "ViT":
+    s = parse_variant(variant)
+    return cls(width=s.width, depth=s.depth, num_heads=s.num_heads, patch_size=s.patch_size,
+               mlp_ratio=s.mlp_ratio, **kwargs)
+
+  def grid(self, image_hw) -> tuple[int, int]:
+    h, w = image_hw
+    return h // self.patch_size, w // self.patch_size
+
+  @nn.compact
+  def __call__(self, images, ids_keep: Optional[jax.Array] = None, train: bool = False):
+    gh, gw = self.grid(images.shape[1:3])
+    x = PatchEmbed(self.width, self.patch_size, name="patch_embed")(images)  # [B, N, D]
+    pos = sincos_2d(self.width, gh, gw, cls_token=True)  # [1 + N, D], a constant.
+    x = x + pos[None, 1:].astype(x.dtype)
+    if ids_keep is not None:
+      x = gather_tokens(x, ids_keep)  # [B, N_vis, D]
+    cls = self.param("cls_token", token_init, (1, 1, self.width))
+    cls = (cls + pos[None, :1]).astype(x.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth)  # stochastic depth rule of timm.
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), name=f"blocks_{i}")(
+          x, deterministic=not train)
+    return nn.LayerNorm(epsilon=1e-6, name="norm")(x)

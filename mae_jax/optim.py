@@ -1,0 +1,44 @@
+"""Optimizer and learning-rate schedule, as in the official MAE (`util/lr_sched.py`)."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+  """The linear scaling rule: lr = base_lr * global_batch / 256."""
+  return base_lr * global_batch / 256
+
+
+def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int,
+                  min_lr: float = 0.0) -> optax.Schedule:
+  """Per-step linear warmup from 0, then half-cosine from peak_lr to min_lr at total_steps.
+
+  Equal to the official per-iteration schedule: lr(s) = peak * s / warmup while s < warmup, else
+  min + (peak - min) * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup))).
+  """
+  warmup_steps = min(warmup_steps, total_steps)
+  if warmup_steps == total_steps:
+    return optax.linear_schedule(0.0, peak_lr, max(warmup_steps, 1))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+      decay_steps=total_steps, end_value=min_lr)
+
+
+def decay_mask(params):
+  """True where weight decay applies: tensors of rank >= 2 (kernels, cls/mask tokens).
+
+  Biases and LayerNorm scales (rank 1) are not decayed, as in the official code, which also
+  decays the cls and mask tokens because they are not 1-D.
+  """
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def adamw(schedule: optax.Schedule, opt_cfg) -> optax.GradientTransformation:
+  """AdamW with the decay mask above and optional global-norm clipping (0 = none)."""
+  tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
+                   weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+  if opt_cfg.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
+  return tx

@@ -1,0 +1,281 @@
+"""The one training loop, shared by every pretraining method.
+
+Sections, in order: validate -> mesh -> input -> model and optimizer -> jitted update step ->
+checkpoint restore -> loop (step, log, checkpoint). The method (model + masking + loss) comes from
+`mae_jax.methods.get_method(config)`; nothing below names a method.
+
+Sharding: one mesh axis 'data' over every device of every process. The global batch is sharded
+over it, parameters and optimizer state are replicated, and the state is donated to the step.
+Randomness: one base key in the state; step s uses fold_in(key, s), and masks are drawn for the
+global batch inside the step, so they differ per example and per device, are reproducible from
+the seed, and do not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorflow as tf
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mae_jax import configlib, data, optim
+from mae_jax.checkpoint import Checkpointer
+from mae_jax.errors import UserError
+from mae_jax.methods import get_method
+from mae_jax.metric_writers import MetricWriter, progress_line
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates done.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base PRNG key (raw uint32[2]); never advanced, folded with the step.
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  devices = list(devices) if devices is not None else jax.devices()
+  return Mesh(np.array(devices), ("data",))
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates the workdir if needed and proves it is writable, touching nothing already there."""
+  if not workdir:
+    raise UserError("--workdir is required")
+  try:
+    if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
+      raise UserError(f"workdir {workdir} exists and is not a directory")
+    tf.io.gfile.makedirs(workdir)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}_{jax.process_index()}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise UserError(f"workdir {workdir} is not writable: {type(e).__name__}") from None
+
+
+def split_micro_batches(batch: dict, k: int) -> dict:
+  """[B, ...] -> [B // k, k, ...]; micro-batch i is x[:, i].
+
+  Splitting the second axis keeps each device's rows on that device (the batch axis stays
+  sharded), so gradient accumulation needs no data movement.
+  """
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]), batch)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int) -> Callable:
+  """(state, batch) -> (state, metrics). Gradients of `grad_accum_steps` micro-batches are
+  averaged with a lax.scan before one optimizer update."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if grad_accum_steps == 1:
+      (_, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = split_micro_batches(batch, grad_accum_steps)
+
+      def accumulate(carry, i):
+        mb = jax.tree.map(lambda x: x[:, i], micro)
+        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (g, m)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      _, m_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[:, 0], micro),
+                                  rng)[0]
+      init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
+      (grads, metrics), _ = jax.lax.scan(accumulate, init, jnp.arange(grad_accum_steps))
+      grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step_fn
+
+
+class Prefetch:
+  """Runs an iterator in a background thread, `size` items ahead."""
+
+  def __init__(self, it: Iterator, size: int):
+    self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
+    self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+    self._thread.start()
+
+  def _run(self, it):
+    try:
+      for item in it:
+        self._queue.put((True, item))
+    except BaseException as e:  # surfaced in the consumer's thread.
+      self._queue.put((False, e))
+
+  def __next__(self):
+    ok, item = self._queue.get()
+    if not ok:
+      raise item
+    return item
+
+  def __iter__(self):
+    return self
+
+
+@dataclasses.dataclass
+class Plan:
+  """Step arithmetic of a run, derived from the config and the dataset size."""
+  steps_per_epoch: int
+  total_steps: int
+  warmup_steps: int
+  peak_lr: float
+
+
+def make_plan(config, steps_per_epoch: int) -> Plan:
+  total = (config.total_steps if config.total_steps > 0
+           else int(round(config.num_epochs * steps_per_epoch)))
+  total = max(total, 1)
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  return Plan(steps_per_epoch, total, min(warmup, total),
+              optim.scaled_lr(config.optimizer.base_lr, config.batch_size))
+
+
+def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None) -> dict:
+  """Pretrains `config.method` in `workdir`, resuming from its latest checkpoint.
+
+  Returns {'state': final TrainState, 'history': [logged scalars]} (for tests and notebooks).
+  """
+  # --- Validate everything before touching the workdir.
+  mesh = make_mesh(devices)
+  num_devices = mesh.devices.size
+  configlib.validate_common(config, num_devices)
+  method = get_method(config)
+  source = data.get_source(config.dataset)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size,
+                             process_count)
+  plan = make_plan(config, spe)
+  check_workdir(workdir)
+
+  # --- Model, optimizer, update step.
+  schedule = optim.warmup_cosine(plan.peak_lr, plan.total_steps, plan.warmup_steps,
+                                 config.optimizer.min_lr)
+  tx = optim.adamw(schedule, config.optimizer)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  image_shape = (1, config.image_size, config.image_size, 3)
+
+  def init_state(rng):
+    init_rng, base_rng = jax.random.split(rng)
+    params = method.init_params(init_rng, jnp.zeros(image_shape, jnp.float32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=base_rng)
+
+  init_fn = jax.jit(init_state, out_shardings=replicated)
+  step_fn = jax.jit(make_train_step(method.loss, tx, schedule, config.grad_accum_steps),
+                    in_shardings=(replicated, batch_sharding),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
+
+  # --- Checkpoint: resume from the latest one, or start fresh.
+  ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  seed_key = jax.random.PRNGKey(config.seed)
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    abstract = jax.eval_shape(init_state, seed_key)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            abstract)
+    state, meta = ckpt.restore(start_step, abstract)
+    if meta.get("batch_size") != config.batch_size:
+      print(f"warning: checkpoint was written with batch_size={meta.get('batch_size')}, "
+            f"resuming with {config.batch_size}; the data stream position is recomputed")
+    print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
+  else:
+    start_step = 0
+    state = init_fn(seed_key)
+
+  is_writer = process_index == 0
+  if is_writer:
+    with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  writer = MetricWriter(workdir, enabled=is_writer)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f"{config.method}: {num_params / 1e6:.2f}M parameters, {num_devices} devices, "
+        f"{process_count} processes, {plan.steps_per_epoch} steps/epoch, "
+        f"{plan.total_steps} steps, peak lr {plan.peak_lr:.3g}", flush=True)
+
+  # --- Input: the data stream continues where the checkpoint left it.
+  batches = data.train_batches(
+      source, config.dataset, split=config.dataset.train_split, image_size=config.image_size,
+      global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+      process_index=process_index, process_count=process_count)
+  batches = Prefetch(batches, config.dataset.prefetch)
+
+  def to_global(local_batch):
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in local_batch.items()}
+
+  # --- Loop.
+  history = []
+  pending = []  # device metrics since the last log; fetched together to avoid a sync per step.
+  compiled = None
+  t_log = time.perf_counter()
+  steps_since_log = 0
+  try:
+    for step in range(start_step, plan.total_steps):
+      batch = to_global(next(batches))
+      if compiled is None:
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        print(f"compiled train step in {compile_s:.1f}s", flush=True)
+        if is_writer:
+          writer.write(step, {"compile_s": compile_s})
+        t_log = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      pending.append(metrics)
+      steps_since_log += 1
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == plan.total_steps:
+        fetched = jax.device_get(pending)
+        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        scalars["lr"] = float(fetched[-1]["lr"])
+        elapsed = time.perf_counter() - t_log
+        scalars["img_per_s"] = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+        scalars["epoch"] = done / plan.steps_per_epoch
+        eta = (plan.total_steps - done) * elapsed / steps_since_log
+        if not np.isfinite(scalars["loss"]):
+          raise FloatingPointError(f"loss is {scalars['loss']} at step {done}")
+        print(progress_line(done, plan.total_steps, scalars, eta), flush=True)
+        writer.write(done, scalars)
+        history.append({"step": done, **scalars})
+        pending, steps_since_log, t_log = [], 0, time.perf_counter()
+      ckpt.save(done, state, _meta(config, done, plan), force=done == plan.total_steps)
+    if start_step >= plan.total_steps:
+      print(f"nothing to do: the latest checkpoint is at step {start_step} of "
+            f"{plan.total_steps}", flush=True)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return {"state": state, "history": history}
+
+
+def _meta(config, step: int, plan: Plan) -> dict:
+  return {"step": step, "epoch": step / plan.steps_per_epoch, "method": config.method,
+          "batch_size": config.batch_size, "steps_per_epoch": plan.steps_per_epoch,
+          "examples_seen": step * config.batch_size}
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl, in order."""
+  with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,108 @@
+"""ViT encoder: parameter counts, sin-cos position embedding, init, masking invariance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax.models import vit
+
+
+def count_params(module, image_size):
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, image_size, image_size, 3)))
+  return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize("variant,image_size,expected", [
+    # timm's vit_*_patch16_224 with num_classes=0, minus pos_embed (ours is a constant):
+    # 5,524,416 + 197*192 etc.
+    ("Ti/16", 224, 5_524_416 - 197 * 192),
+    ("S/16", 224, 21_665_664 - 197 * 384),
+    ("B/16", 224, 85_798_656 - 197 * 768),
+    ("L/16", 224, 303_301_632 - 197 * 1024),
+    ("H/14", 224, 630_764_800 - 257 * 1280),
+])
+def test_param_counts_match_timm(variant, image_size, expected):
+  assert count_params(vit.ViT.from_variant(variant), image_size) == expected
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match="unknown ViT variant"):
+    vit.parse_variant("Q/16")
+
+
+def test_sincos_matches_official_formula():
+  """Reference values written out from the official get_2d_sincos_pos_embed definition."""
+  dim, gh, gw = 16, 3, 4
+  emb = vit.sincos_2d(dim, gh, gw, cls_token=True)
+  assert emb.shape == (1 + gh * gw, dim)
+  np.testing.assert_array_equal(emb[0], 0)
+  omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+  for i in range(gh):
+    for j in range(gw):
+      row = emb[1 + i * gw + j]
+      np.testing.assert_allclose(row[: dim // 4], np.sin(j * omega), rtol=1e-6)  # column first
+      np.testing.assert_allclose(row[dim // 4: dim // 2], np.cos(j * omega), rtol=1e-6)
+      np.testing.assert_allclose(row[dim // 2: 3 * dim // 4], np.sin(i * omega), rtol=1e-6)
+      np.testing.assert_allclose(row[3 * dim // 4:], np.cos(i * omega), rtol=1e-6)
+
+
+def test_init_statistics():
+  """xavier-uniform fans of the official init, incl. the flattened patch-embedding kernel."""
+  model = vit.ViT(width=256, depth=1, num_heads=4, patch_size=16)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  k = params["patch_embed"]["proj"]["kernel"]  # [16, 16, 3, 256]
+  bound = np.sqrt(6 / (16 * 16 * 3 + 256))
+  assert np.abs(k).max() <= bound and np.abs(k).max() > 0.95 * bound
+  qkv = params["blocks_0"]["attn"]["qkv"]["kernel"]  # [256, 768]
+  bound = np.sqrt(6 / (256 + 768))
+  assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.95 * bound
+  np.testing.assert_allclose(np.std(params["cls_token"]), 0.02, rtol=0.3)
+  assert np.all(params["blocks_0"]["attn"]["qkv"]["bias"] == 0)
+  assert np.all(params["norm"]["scale"] == 1)
+
+
+def test_gelu_is_exact_and_layernorm_eps():
+  """The block uses erf GELU (torch default) and LayerNorm eps 1e-6."""
+  block = vit.Block(num_heads=2)
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 8))
+  params = block.init(jax.random.PRNGKey(0), x)["params"]
+
+  def ref(x):
+    def ln(x, p):
+      mu = x.mean(-1, keepdims=True)
+      var = ((x - mu) ** 2).mean(-1, keepdims=True)
+      return (x - mu) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+    y = ln(x, params["norm1"])
+    a = params["attn"]
+    qkv = (y @ a["qkv"]["kernel"] + a["qkv"]["bias"]).reshape(1, 3, 3, 2, 4)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s = s / s.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", s, v).reshape(1, 3, 8)
+    x = x + o @ a["proj"]["kernel"] + a["proj"]["bias"]
+    y = ln(x, params["norm2"])
+    m = params["mlp"]
+    h = y @ m["fc1"]["kernel"] + m["fc1"]["bias"]
+    from scipy.special import erf
+    h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+    return x + h @ m["fc2"]["kernel"] + m["fc2"]["bias"]
+
+  got = block.apply({"params": params}, x)
+  np.testing.assert_allclose(got, ref(np.asarray(x, np.float64)), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_ignores_masked_pixels():
+  """With ids_keep, changing pixels of the dropped patches changes nothing."""
+  model = vit.ViT(width=32, depth=2, num_heads=2, patch_size=4)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  params = model.init(jax.random.PRNGKey(1), images)["params"]
+  ids_keep = jnp.array([[0, 5, 10, 15], [3, 2, 1, 12]], jnp.int32)
+  out = model.apply({"params": params}, images, ids_keep)
+  # Patch (row 0, col 1) = index 1 is masked for example 0 and kept for example 1.
+  changed = images.at[:, 0:4, 4:8, :].add(100.0)
+  out2 = model.apply({"params": params}, changed, ids_keep)
+  np.testing.assert_array_equal(out[0], out2[0])
+  assert not np.allclose(out[1], out2[1])
