@@ -18,39 +18,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mae_jax.cli import fail, parse_flags  # noqa: E402
 from mae_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_b16",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-
-EXIT_USER_ERROR = 2
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(EXIT_USER_ERROR)
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  # config_flags wraps override errors; keep the innermost useful sentence.
-  return text.splitlines()[-1] if text else type(e).__name__
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors (unknown keys, bad values, unknown variants)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    fail(_first_line(e))
-  except KeyError as e:  # a --config.KEY override for a key the config does not have.
-    fail(f"unknown config key {e.args[0] if e.args else e} (keys are locked; see the config file)")
-  except (AttributeError, TypeError, ValueError) as e:
-    # Raised by config_flags while loading the config or applying --config.* overrides.
-    fail(f"bad --config: {_first_line(e)}")
-  return []
-
 
 def run(config, workdir: str) -> None:
   # Imported here so that flag errors answer fast, without loading JAX and TensorFlow.

@@ -149,24 +149,12 @@ def make_plan(config, steps_per_epoch: int) -> Plan:
               optim.scaled_lr(config.optimizer.base_lr, config.batch_size))
 
 
-def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None) -> dict:
-  """Pretrains `config.method` in `workdir`, resuming from its latest checkpoint.
+def build_update(config, mesh: Mesh, plan: Plan):
+  """(method, init_state(rng) -> TrainState, jitted step(state, batch) -> (state, metrics)).
 
-  Returns {'state': final TrainState, 'history': [logged scalars]} (for tests and notebooks).
+  The step is jitted over `mesh`: batch sharded on 'data', state replicated and donated.
   """
-  # --- Validate everything before touching the workdir.
-  mesh = make_mesh(devices)
-  num_devices = mesh.devices.size
-  configlib.validate_common(config, num_devices)
   method = get_method(config)
-  source = data.get_source(config.dataset)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size,
-                             process_count)
-  plan = make_plan(config, spe)
-  check_workdir(workdir)
-
-  # --- Model, optimizer, update step.
   schedule = optim.warmup_cosine(plan.peak_lr, plan.total_steps, plan.warmup_steps,
                                  config.optimizer.min_lr)
   tx = optim.adamw(schedule, config.optimizer)
@@ -180,10 +168,34 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=base_rng)
 
-  init_fn = jax.jit(init_state, out_shardings=replicated)
   step_fn = jax.jit(make_train_step(method.loss, tx, schedule, config.grad_accum_steps),
                     in_shardings=(replicated, batch_sharding),
                     out_shardings=(replicated, replicated), donate_argnums=0)
+  return method, init_state, step_fn
+
+
+def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None) -> dict:
+  """Pretrains `config.method` in `workdir`, resuming from its latest checkpoint.
+
+  Returns {'state': final TrainState, 'history': [logged scalars]} (for tests and notebooks).
+  """
+  # --- Validate everything before touching the workdir.
+  mesh = make_mesh(devices)
+  num_devices = mesh.devices.size
+  configlib.validate_common(config, num_devices)
+  get_method(config)  # validates the method's keys before the dataset is touched.
+  source = data.get_source(config.dataset)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size,
+                             process_count)
+  plan = make_plan(config, spe)
+  check_workdir(workdir)
+
+  # --- Model, optimizer, update step.
+  method, init_state, step_fn = build_update(config, mesh, plan)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  init_fn = jax.jit(init_state, out_shardings=replicated)
 
   # --- Checkpoint: resume from the latest one, or start fresh.
   ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)

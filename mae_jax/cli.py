@@ -1,0 +1,34 @@
+"""Command-line helpers shared by the entry points: one-line errors, exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  # config_flags wraps override errors; keep the innermost useful sentence.
+  return text.splitlines()[-1] if text else type(e).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors (unknown keys, bad values, unknown variants)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_first_line(e))
+  except KeyError as e:  # a --config.KEY override for a key the config does not have.
+    fail(f"unknown config key {e.args[0] if e.args else e} (keys are locked; see the config file)")
+  except (AttributeError, TypeError, ValueError) as e:
+    # Raised by config_flags while loading the config or applying --config.* overrides.
+    fail(f"bad --config: {_first_line(e)}")
+  return []
