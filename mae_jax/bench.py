@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mae_jax.cli import fail, parse_flags  # noqa: E402
+from mae_jax.cli import config_value, fail, parse_flags  # noqa: E402
 from mae_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_s16",
@@ -146,9 +146,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
-  if config is None:
-    fail("--config is required, e.g. --config=configs/mae.py:vit_s16")
+  config = config_value(_CONFIG, "configs/mae.py:vit_s16")
   if _BATCH.value:
     with config.unlocked():
       config.batch_size = _BATCH.value

@@ -29,8 +29,10 @@ class Checkpointer:
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=create,
         enable_async_checkpointing=True)
     self.directory = checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -41,17 +43,28 @@ class Checkpointer:
                                       meta=ocp.args.JsonSave(meta)), force=force)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores onto `abstract_state`'s shapes, dtypes and shardings; UserError on mismatch."""
+    """Restores onto `abstract_state`'s shapes, dtypes and shardings; UserError on mismatch.
+
+    Shapes are compared with the checkpoint's metadata first, so a mismatch is reported before
+    any array is read.
+    """
+    where = f"{self.directory} step {step}"
+    try:
+      stored = self.manager.item_metadata(step)["state"]
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+      raise UserError(f"checkpoint {where} is unreadable: {_first_line(e)}") from None
+    _check_shapes(abstract_state, stored, where)
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                         meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise UserError(f"checkpoint {self.directory} step {step} does not match this config "
-                      f"(a different model or method?): {first}") from None
-    _check_shapes(abstract_state, restored["state"], f"{self.directory} step {step}")
+      raise UserError(f"checkpoint {where} does not match this config "
+                      f"(a different model or method?): {_first_line(e)}") from None
     return restored["state"], dict(restored["meta"])
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.manager.reached_preemption(step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -60,10 +73,31 @@ class Checkpointer:
     self.manager.close()
 
 
-def _check_shapes(expected: Any, got: Any, where: str) -> None:
-  exp = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  have = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(got)}
-  diffs = [f"{k}: {have.get(k)} vs {s}" for k, s in exp.items() if have.get(k) != s]
-  if diffs:
-    raise UserError(f"checkpoint {where} does not match this config; shapes (checkpoint vs "
-                    f"config) differ for {len(diffs)} arrays, e.g. {'; '.join(diffs[:3])}")
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def _names(path) -> str:
+  """'opt_state.0.mu.encoder.cls_token': the dotted name Orbax stores an array under."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return ".".join(parts)
+
+
+def _check_shapes(expected: Any, stored: Any, where: str) -> None:
+  exp = {_names(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {_names(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+  missing = sorted(set(exp) - set(have))
+  extra = sorted(set(have) - set(exp))
+  diffs = [f"{k}: {have[k]} vs {s}" for k, s in exp.items() if k in have and have[k] != s]
+  if missing or extra or diffs:
+    detail = "; ".join(diffs[:3] + [f"missing {k}" for k in missing[:2]] +
+                       [f"unexpected {k}" for k in extra[:2]])
+    raise UserError(f"checkpoint {where} does not match this config (a different model or "
+                    f"method?): {len(diffs)} shapes differ, {len(missing)} arrays missing, "
+                    f"{len(extra)} unexpected; e.g. {detail}")

@@ -32,3 +32,20 @@ def parse_flags(argv: list[str]) -> list[str]:
     # Raised by config_flags while loading the config or applying --config.* overrides.
     fail(f"bad --config: {_first_line(e)}")
   return []
+
+
+def config_value(holder, example: str = "configs/mae.py"):
+  """The parsed --config; config files that fail to load (missing file, error inside
+  get_config) are reported here, since config_flags defers those errors to first access."""
+  try:
+    config = holder.value
+    if config is not None:
+      config.keys()  # touches the lazily-loaded config.
+  except (OSError, ImportError, SyntaxError, AttributeError, ValueError, TypeError) as e:
+    text = str(e).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(e).__name__
+    fail(f"cannot load the config file: {detail}")
+  if config is None:
+    fail(f"--config is required, e.g. --config={example}")
+  return config

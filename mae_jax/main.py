@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mae_jax.cli import fail, parse_flags  # noqa: E402
+from mae_jax.cli import config_value, fail, parse_flags  # noqa: E402
 from mae_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_b16",
@@ -38,12 +38,11 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise on the console.
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _CONFIG.value is None:
-    fail("--config is required, e.g. --config=configs/mae.py")
+  config = config_value(_CONFIG)
   if not _WORKDIR.value:
     fail("--workdir is required")
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    run(config, _WORKDIR.value)
   except UserError as e:
     fail(str(e))
   except KeyboardInterrupt:

@@ -8,6 +8,12 @@ import os
 from typing import Mapping
 
 import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+# TensorBoard's scalar plugin tag. Written with the core `tf.summary.write` op, so logging needs
+# only TensorFlow (tf.summary.scalar lives in the separate `tensorboard` package).
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
 
 class MetricWriter:
@@ -31,7 +37,7 @@ class MetricWriter:
     self._jsonl.flush()
     with self._tb.as_default(step=int(step)):
       for k, v in scalars.items():
-        tf.summary.scalar(k, float(v))
+        tf.summary.write(k, tf.constant(float(v), tf.float32), metadata=_SCALAR_METADATA)
     self._tb.flush()
 
   def close(self) -> None:

@@ -100,7 +100,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step_fn
@@ -174,8 +174,12 @@ def build_update(config, mesh: Mesh, plan: Plan):
   return method, init_state, step_fn
 
 
-def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None) -> dict:
+def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
+             stop_at_step: Optional[int] = None) -> dict:
   """Pretrains `config.method` in `workdir`, resuming from its latest checkpoint.
+
+  `stop_at_step` ends the run early (after saving a checkpoint) as a preemption would; a
+  preemption notice seen by Orbax (multi-host) does the same.
 
   Returns {'state': final TrainState, 'history': [logged scalars]} (for tests and notebooks).
   """
@@ -192,7 +196,7 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
   check_workdir(workdir)
 
   # --- Model, optimizer, update step.
-  method, init_state, step_fn = build_update(config, mesh, plan)
+  _, init_state, step_fn = build_update(config, mesh, plan)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   init_fn = jax.jit(init_state, out_shardings=replicated)
@@ -256,7 +260,9 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
       pending.append(metrics)
       steps_since_log += 1
       done = step + 1
-      if done % config.log_every_steps == 0 or done == plan.total_steps:
+      preempted = ckpt.reached_preemption(done)
+      stop = preempted or (stop_at_step is not None and done >= stop_at_step)
+      if done % config.log_every_steps == 0 or done == plan.total_steps or stop:
         fetched = jax.device_get(pending)
         scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         scalars["lr"] = float(fetched[-1]["lr"])
@@ -270,7 +276,12 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
         writer.write(done, scalars)
         history.append({"step": done, **scalars})
         pending, steps_since_log, t_log = [], 0, time.perf_counter()
-      ckpt.save(done, state, _meta(config, done, plan), force=done == plan.total_steps)
+      if done % config.checkpoint_every_steps == 0 or done == plan.total_steps or stop:
+        ckpt.save(done, state, _meta(config, done, plan), force=True)
+      if stop:
+        print(f"stopping at step {done}{' (preemption notice)' if preempted else ''}; "
+              "re-run the same command to resume", flush=True)
+        break
     if start_step >= plan.total_steps:
       print(f"nothing to do: the latest checkpoint is at step {start_step} of "
             f"{plan.total_steps}", flush=True)

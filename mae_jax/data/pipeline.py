@@ -1,0 +1,427 @@
+"""tf.data pipelines for pretraining and evaluation, one process's share at a time.
+
+Sources: any tensorflow-datasets image dataset by name (`config.dataset.name`, with
+`config.dataset.data_dir`, local or gs://), `'folder'` (a folder of the user's own images), or
+`'mae_jax_digits'` (the embedded default, prepared on first use from scikit-learn's bundled digits).
+
+Training stream (`train_batches`): PyTorch-style epochs. Every epoch, each process reads its own
+equal share of the split (tfds even splits / every n-th file), shuffles the *encoded* examples with
+a seed derived from (seed, epoch, process), drops the last incomplete batch, and only then decodes
+and augments. Augmentation is stateless: example i of epoch e gets its own random seed, so the
+stream is a pure function of (seed, epoch, position) and resuming at step s skips the first
+s * batch encoded examples without decoding them; a resumed run sees exactly the images an
+uninterrupted run would have seen.
+
+Augmentation (the official MAE pretraining recipe): RandomResizedCrop with torchvision's sampling
+(area fraction uniform in (crop_min_scale, 1), log-uniform aspect ratio in (3/4, 4/3), 10 tries,
+centre-crop fallback), bicubic resize, horizontal flip, normalization by mean/std. Grayscale and
+palette images become RGB. TensorFlow is hidden from accelerators: it never grabs GPU memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+from typing import Callable, Iterator, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from mae_jax.errors import UserError  # noqa: E402
+
+try:  # The input pipeline runs on the host CPU; leave accelerators to JAX.
+  tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # already initialized (e.g. by the caller); nothing to hide then.
+  pass
+
+DIGITS = "mae_jax_digits"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
+# Local folders up to this many files have every file's header checked when the source is opened.
+_MAGIC_CHECK_LIMIT = 200_000
+# Eval resize: shorter side to image_size / crop_pct, then a centre crop (224 -> 256 -> 224).
+EVAL_CROP_PCT = 0.875
+# Errors of a running tf.data iterator that mean an unreadable or missing file.
+_READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError)
+
+# (split, process_index, process_count, drop_remainder, shuffle_seed) -> dataset of
+# {'image': encoded bytes, 'label': int64}, this process's share of the split.
+Reader = Callable[[str, int, int, bool, Optional[int]], tf.data.Dataset]
+
+
+@dataclasses.dataclass
+class Source:
+  """A dataset found and ready to read. `num_classes` is 0 for unlabeled folders."""
+  name: str
+  num_classes: int
+  splits: tuple[str, ...]
+  count_fn: Callable[[str, int, int, bool], int]
+  reader: Reader
+
+  def check_split(self, split: str) -> None:
+    base = split.split("[")[0]
+    if base not in self.splits:
+      raise UserError(f"dataset {self.name} has no split {base!r}; it has {list(self.splits)}")
+
+  def num_examples(self, split: str, process_index: int = 0, process_count: int = 1,
+                   drop_remainder: bool = True) -> int:
+    self.check_split(split)
+    return self.count_fn(split, process_index, process_count, drop_remainder)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def get_source(d) -> Source:
+  """The source named by a `config.dataset` block; UserError if it cannot be read."""
+  if d.name == "folder":
+    return _folder_source(d.folder, d.val_fraction)
+  return _tfds_source(d.name, d.data_dir)
+
+
+def _tfds_source(name: str, data_dir: str) -> Source:
+  import tensorflow_datasets as tfds
+
+  if name == DIGITS:
+    importlib.import_module("mae_jax.data.digits")  # registers the builder with tfds.
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(f"unknown dataset {name!r}: not a tensorflow-datasets name, "
+                    f"{DIGITS!r} or 'folder'") from None
+  except (ValueError, tf.errors.OpError) as e:
+    raise UserError(f"cannot open dataset {name!r}: {_first_line(e)}") from None
+  if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    if name == DIGITS:  # The embedded default prepares itself: no download, a few seconds.
+      print(f"preparing {DIGITS} in {builder.data_dir} (first use)", flush=True)
+      tfds.disable_progress_bar()
+      builder.download_and_prepare()
+    else:
+      raise UserError(
+          f"dataset {name} is not prepared in {builder.data_dir}; prepare it with "
+          f"`tfds build {name} --data_dir=DIR` (ImageNet needs --manual_dir with the tar files) "
+          f"and pass --config.dataset.data_dir=DIR")
+  if "image" not in builder.info.features:
+    raise UserError(f"dataset {name} has no 'image' feature; it has "
+                    f"{sorted(builder.info.features.keys())}")
+  label = builder.info.features["label"] if "label" in builder.info.features else None
+  num_classes = int(getattr(label, "num_classes", 0) or 0)
+
+  def shard(split, process_index, process_count, drop_remainder):
+    if process_count == 1:
+      return split
+    return tfds.even_splits(split, n=process_count, drop_remainder=drop_remainder)[process_index]
+
+  def count(split, process_index, process_count, drop_remainder):
+    return int(builder.info.splits[shard(split, process_index, process_count,
+                                         drop_remainder)].num_examples)
+
+  def reader(split, process_index, process_count, drop_remainder, shuffle_seed):
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    ds = builder.as_dataset(split=shard(split, process_index, process_count, drop_remainder),
+                            shuffle_files=shuffle_seed is not None, read_config=read_config,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    has_label = "label" in builder.info.features
+    return ds.map(lambda ex: {"image": ex["image"],
+                              "label": tf.cast(ex["label"], tf.int64) if has_label
+                              else tf.constant(-1, tf.int64)})
+
+  return Source(name, num_classes, tuple(builder.info.splits.keys()), count, reader)
+
+
+def _image_kind(path: str) -> Optional[str]:
+  with open(path, "rb") as f:
+    head = f.read(8)
+  for magic, kind in _MAGIC:
+    if head.startswith(magic):
+      return kind
+  return None
+
+
+def _list_images(directory: str) -> tuple[list[str], list[str]]:
+  """(image files directly in `directory`, sub-directories), both sorted."""
+  files, dirs = [], []
+  for entry in sorted(tf.io.gfile.listdir(directory)):
+    entry = entry.rstrip("/")
+    path = os.path.join(directory, entry)
+    if tf.io.gfile.isdir(path):
+      dirs.append(entry)
+    elif entry.lower().endswith(IMAGE_EXTENSIONS) and not entry.startswith("."):
+      files.append(path)
+  return files, dirs
+
+
+def _scan(directory: str, classes: Optional[list[str]] = None) -> tuple[list, list, list[str]]:
+  """(paths, labels, class names) of a flat folder (labels -1) or one with class sub-folders."""
+  files, dirs = _list_images(directory)
+  class_dirs = [d for d in dirs if _list_images(os.path.join(directory, d))[0]]
+  if files and class_dirs:
+    raise UserError(f"{directory} mixes images and class sub-folders ({class_dirs[0]}/); "
+                    "use one layout")
+  if files:
+    return files, [-1] * len(files), []
+  classes = classes if classes is not None else class_dirs
+  paths, labels = [], []
+  for name in class_dirs:
+    if name not in classes:
+      raise UserError(f"class folder {os.path.join(directory, name)} has no counterpart in the "
+                      "training classes")
+    sub = _list_images(os.path.join(directory, name))[0]
+    paths += sub
+    labels += [classes.index(name)] * len(sub)
+  return paths, labels, classes
+
+
+def _check_headers(paths: list[str]) -> None:
+  if not paths or "://" in paths[0] or len(paths) > _MAGIC_CHECK_LIMIT:
+    return  # remote or huge: decode errors are reported when the stream reaches them.
+  for p in paths:
+    try:
+      kind = _image_kind(p)
+    except OSError as e:
+      raise UserError(f"cannot read image {p}: {e.strerror}") from None
+    if kind is None:
+      raise UserError(f"unreadable image {p}: not a JPEG, PNG, GIF or BMP file")
+
+
+def _folder_source(folder: str, val_fraction: float) -> Source:
+  if not folder:
+    raise UserError("config.dataset.name='folder' needs config.dataset.folder=PATH")
+  if not tf.io.gfile.isdir(folder):
+    raise UserError(f"image folder {folder} does not exist or is not a directory")
+  _, dirs = _list_images(folder)
+  val_dir = next((d for d in ("validation", "val") if d in dirs), None)
+  if "train" in dirs and val_dir:
+    tr_paths, tr_labels, classes = _scan(os.path.join(folder, "train"))
+    va_paths, va_labels, _ = _scan(os.path.join(folder, val_dir), classes or None)
+    if not classes:
+      va_labels = [-1] * len(va_paths)
+  else:
+    paths, labels, classes = _scan(folder)
+    k = round(1 / val_fraction) if val_fraction > 0 else 0
+    held = [k > 0 and i % k == 0 for i in range(len(paths))]
+    tr_paths = [p for p, h in zip(paths, held) if not h]
+    tr_labels = [l for l, h in zip(labels, held) if not h]
+    va_paths = [p for p, h in zip(paths, held) if h]
+    va_labels = [l for l, h in zip(labels, held) if h]
+  if not tr_paths:
+    raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
+  _check_headers(tr_paths + va_paths)
+  table = {"train": (tr_paths, tr_labels)}
+  if va_paths:
+    table["validation"] = (va_paths, va_labels)
+
+  def share(split, process_index, process_count, drop_remainder):
+    split = "validation" if split == "val" else split
+    paths, labels = table[split]
+    paths, labels = paths[process_index::process_count], labels[process_index::process_count]
+    if drop_remainder:
+      n = len(table[split][0]) // process_count
+      paths, labels = paths[:n], labels[:n]
+    return paths, labels
+
+  def count(split, process_index, process_count, drop_remainder):
+    return len(share(split, process_index, process_count, drop_remainder)[0])
+
+  def reader(split, process_index, process_count, drop_remainder, shuffle_seed):
+    del shuffle_seed  # The file list is shuffled whole by the caller.
+    paths, labels = share(split, process_index, process_count, drop_remainder)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(paths, tf.string), tf.constant(labels, tf.int64)))
+    return ds.map(lambda p, l: {"image": tf.io.read_file(p), "label": l},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+  source = Source(f"folder {folder}", len(classes), tuple(table), count, reader)
+  source.splits = source.splits + (("val",) if "validation" in table else ())
+  return source
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def _decode(data: tf.Tensor, window: Optional[Callable] = None) -> tf.Tensor:
+  """Decodes to uint8 RGB [h, w, 3]; `window(shape) -> (top, left, h, w)` crops (fused for JPEG)."""
+
+  def jpeg():
+    if window is None:
+      return tf.io.decode_jpeg(data, channels=3)
+    shape = tf.io.extract_jpeg_shape(data)
+    return tf.io.decode_and_crop_jpeg(data, tf.stack(window(shape)), channels=3)
+
+  def other():
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    if window is None:
+      return image
+    top, left, h, w = window(tf.shape(image))
+    return image[top:top + h, left:left + w]
+
+  image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def random_resized_crop_window(shape: tf.Tensor, seed: tf.Tensor, scale: tuple[float, float],
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                               attempts: int = 10) -> tuple[tf.Tensor, ...]:
+  """torchvision's RandomResizedCrop.get_params as stateless TF ops: (top, left, height, width).
+
+  All `attempts` proposals are drawn at once; the first that fits is used, else the centre crop
+  with the aspect ratio clamped into `ratio`.
+  """
+  h = tf.cast(shape[0], tf.float32)
+  w = tf.cast(shape[1], tf.float32)
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  area = h * w * tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1])
+  log_r = tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1]))
+  r = tf.exp(log_r)
+  cw = tf.round(tf.sqrt(area * r))
+  ch = tf.round(tf.sqrt(area / r))
+  fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
+  first = tf.argmax(tf.cast(fits, tf.int32))  # index of the first proposal that fits.
+  # Fallback: the whole image, or its centre with the aspect ratio clamped into `ratio`.
+  in_ratio = w / h
+  fb_w = tf.where(in_ratio < ratio[0], w, tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w))
+  fb_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+  any_fit = tf.reduce_any(fits)
+  crop_w = tf.where(any_fit, cw[first], fb_w)
+  crop_h = tf.where(any_fit, ch[first], fb_h)
+  u = tf.random.stateless_uniform([2], seeds[2], 0.0, 1.0)
+  top = tf.where(any_fit, tf.floor(u[0] * (h - crop_h + 1)), tf.round((h - crop_h) / 2))
+  left = tf.where(any_fit, tf.floor(u[1] * (w - crop_w + 1)), tf.round((w - crop_w) / 2))
+  return tuple(tf.cast(v, tf.int32) for v in (top, left, crop_h, crop_w))
+
+
+def _normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def _resize(image: tf.Tensor, size) -> tf.Tensor:
+  image = tf.image.resize(image, size, method="bicubic", antialias=False)
+  return tf.clip_by_value(tf.round(image), 0.0, 255.0)
+
+
+def _train_transform(d, image_size: int, base_seed: int, epoch: int):
+  def fn(index, ex):
+    seed = tf.stack([tf.constant(base_seed, tf.int64),
+                     tf.constant(epoch, tf.int64) * (1 << 32) + index])
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = _decode(ex["image"], lambda shape: random_resized_crop_window(
+        shape, crop_seed, (d.crop_min_scale, 1.0)))
+    image = _resize(image, [image_size, image_size])
+    if d.hflip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return {"image": _normalize(image, d.mean, d.std), "label": tf.cast(ex["label"], tf.int32)}
+  return fn
+
+
+def eval_transform(data: tf.Tensor, image_size: int, mean, std) -> tf.Tensor:
+  """Resize the shorter side to image_size / 0.875 (bicubic), centre crop, normalize."""
+  image = _decode(data)
+  h = tf.cast(tf.shape(image)[0], tf.float32)
+  w = tf.cast(tf.shape(image)[1], tf.float32)
+  short = float(int(image_size / EVAL_CROP_PCT))
+  scale = short / tf.minimum(h, w)
+  new_h = tf.cast(tf.maximum(tf.floor(h * scale), image_size), tf.int32)
+  new_w = tf.cast(tf.maximum(tf.floor(w * scale), image_size), tf.int32)
+  image = _resize(image, tf.stack([new_h, new_w]))
+  top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2), tf.int32)
+  image = image[top:top + image_size, left:left + image_size]
+  image.set_shape([image_size, image_size, 3])
+  return _normalize(image, mean, std)
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def _local_batch(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise UserError(f"global batch {global_batch_size} is not divisible by the "
+                    f"{process_count} processes")
+  return global_batch_size // process_count
+
+
+def steps_per_epoch(source: Source, split: str, global_batch_size: int,
+                    process_count: int = 1) -> int:
+  """Optimizer steps in one pass over the split (last incomplete batch dropped)."""
+  local = _local_batch(global_batch_size, process_count)
+  n = source.num_examples(split, 0, process_count, drop_remainder=True)
+  if n < local:
+    raise UserError(f"dataset {source.name} split {split} has {n} examples per process, fewer "
+                    f"than one batch of {local}; lower config.batch_size")
+  return n // local
+
+
+def _seed(*parts: int) -> int:
+  x = 0
+  for p in parts:
+    x = (x * 1_000_003 + int(p)) % (2**31 - 1)
+  return x
+
+
+def _iterate(ds: tf.data.Dataset, source: Source, split: str) -> Iterator[dict]:
+  try:
+    yield from ds.as_numpy_iterator()
+  except GeneratorExit:  # closed by the consumer (or at interpreter exit): nothing to report.
+    return
+  except _READ_ERRORS as e:
+    raise UserError(f"cannot read an image of {source.name} split {split}: "
+                    f"{_first_line(e)}") from None
+
+
+def train_batches(source: Source, d, *, split: str, image_size: int, global_batch_size: int,
+                  seed: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+  """Endless {'image': float32 [b, s, s, 3], 'label': int32 [b]} for this process, from step
+  `start_step` on (b = global_batch_size / process_count)."""
+  local = _local_batch(global_batch_size, process_count)
+  spe = steps_per_epoch(source, split, global_batch_size, process_count)
+  n = source.num_examples(split, process_index, process_count, drop_remainder=True)
+  epoch, offset = divmod(start_step, spe)
+  while True:
+    epoch_seed = _seed(seed, epoch, process_index)
+    ds = source.reader(split, process_index, process_count, True, epoch_seed)
+    ds = ds.shuffle(min(d.shuffle_buffer, n), seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.enumerate().take(spe * local).skip(offset * local)  # skip before decoding.
+    ds = ds.map(_train_transform(d, image_size, _seed(seed, process_index, 7), epoch),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).prefetch(2)
+    yield from _iterate(ds, source, split)
+    epoch, offset = epoch + 1, 0
+
+
+def eval_steps(source: Source, split: str, global_batch_size: int, process_count: int = 1) -> int:
+  """Batches in one evaluation pass; the same on every process (short shares are padded)."""
+  local = _local_batch(global_batch_size, process_count)
+  most = max(source.num_examples(split, i, process_count, drop_remainder=False)
+             for i in range(process_count))
+  return max(1, -(-most // local))
+
+
+def eval_batches(source: Source, d, *, split: str, image_size: int, global_batch_size: int,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+  """One pass over every example of the split, in order: {'image', 'label', 'mask'}; padding
+  rows (to fill the last batch and even out processes) have mask 0."""
+  local = _local_batch(global_batch_size, process_count)
+  steps = eval_steps(source, split, global_batch_size, process_count)
+  n = source.num_examples(split, process_index, process_count, drop_remainder=False)
+  ds = source.reader(split, process_index, process_count, False, None)
+  ds = ds.map(lambda ex: {"image": eval_transform(ex["image"], image_size, d.mean, d.std),
+                          "label": tf.cast(ex["label"], tf.int32),
+                          "mask": tf.constant(1, tf.int32)},
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  pad = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([image_size, image_size, 3], tf.float32),
+      "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}).repeat(
+          steps * local - n)
+  ds = ds.concatenate(pad).batch(local, drop_remainder=True).prefetch(2)
+  yield from _iterate(ds, source, split)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(getattr(e, "message", "") or e).strip()
+  return text.splitlines()[0] if text else type(e).__name__

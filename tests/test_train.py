@@ -1,0 +1,204 @@
+"""The training loop end to end on the embedded digits: devices, resume, CLI, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import mae as mae_config
+from mae_jax import train
+from mae_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A model small enough for seconds per run: 16 px images, 4 px patches, 16 patches.
+SMALL = ["--config.image_size=16", "--config.batch_size=32", "--config.model.decoder_width=32",
+         "--config.model.decoder_depth=1", "--config.log_every_steps=2"]
+
+
+def small_config(data_dir, **overrides):
+  c = mae_config.get_config("tiny")
+  c.image_size = 16
+  c.batch_size = 32
+  c.total_steps = 4
+  c.warmup_epochs = 0.1
+  c.model.decoder_width = 32
+  c.model.decoder_depth = 1
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 2
+  c.dataset.data_dir = data_dir
+  for k, v in overrides.items():
+    target = c
+    *path, leaf = k.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = v
+  return c
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_one_and_eight_devices_agree(tmp_path, digits_data_dir):
+  assert len(jax.devices()) == 8
+  one = train.pretrain(small_config(digits_data_dir), str(tmp_path / "one"),
+                       devices=jax.devices()[:1])
+  eight = train.pretrain(small_config(digits_data_dir), str(tmp_path / "eight"))
+  assert [h["step"] for h in one["history"]] == [2, 4]
+  np.testing.assert_allclose([h["loss"] for h in one["history"]],
+                             [h["loss"] for h in eight["history"]], rtol=2e-5)
+  # Adam divides by sqrt(v): where a gradient is ~0 (some biases), float noise of another
+  # reduction order can flip an update's sign. Bound the difference by a small fraction of the
+  # distance the parameters travelled (4 steps at lr <= 3e-4 move a parameter up to ~1e-3).
+  for a, b in zip(_leaves(one["state"].params), _leaves(eight["state"].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+  assert len(eight["state"].params["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"].sharding
+             .device_set) == 8
+
+
+def test_gradient_accumulation_equals_the_big_batch_step():
+  # A loss that ignores the RNG: 4 micro-batches must give the 1-batch update, metrics included.
+  def loss_fn(params, batch, rng):
+    del rng
+    err = batch["x"] @ params["w"] + params["b"] - batch["y"]
+    loss = jnp.mean(err**2)
+    return loss, {"loss": loss}
+
+  tx = optax.adamw(1e-2, b1=0.9, b2=0.95, weight_decay=0.05)
+  sched = lambda step: 1e-2  # noqa: E731
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+  batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (8, 3)),
+           "y": jax.random.normal(jax.random.PRNGKey(2), (8, 2))}
+  s1, m1 = jax.jit(train.make_train_step(loss_fn, tx, sched, 1))(state, batch)
+  s4, m4 = jax.jit(train.make_train_step(loss_fn, tx, sched, 4))(state, batch)
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-6)
+  for a, b in zip(_leaves(s1.params), _leaves(s4.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert int(s4.step) == 1
+
+
+def test_grad_accum_config_trains(tmp_path, digits_data_dir):
+  out = train.pretrain(small_config(digits_data_dir, grad_accum_steps=2), str(tmp_path / "acc"),
+                       devices=jax.devices()[:2])
+  assert int(out["state"].step) == 4 and all(np.isfinite(h["loss"]) for h in out["history"])
+
+
+def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, digits_data_dir):
+  cfg = dict(total_steps=6)
+  straight = train.pretrain(small_config(digits_data_dir, **cfg), str(tmp_path / "a"),
+                            devices=jax.devices()[:2])
+  wd = str(tmp_path / "b")
+  first = train.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2],
+                         stop_at_step=3)
+  assert int(first["state"].step) == 3
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
+  resumed = train.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2])
+  assert int(resumed["state"].step) == 6
+  for a, b in zip(_leaves(straight["state"]), _leaves(resumed["state"])):
+    np.testing.assert_array_equal(a, b)
+  records = train.read_metrics(wd)
+  assert [r["step"] for r in records if "loss" in r] == [2, 3, 4, 6]
+  # Running again after the end does nothing and keeps the state.
+  again = train.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2])
+  assert again["history"] == [] and int(again["state"].step) == 6
+
+
+def test_checkpoint_of_another_model_is_a_user_error(tmp_path, digits_data_dir):
+  wd = str(tmp_path / "wd")
+  train.pretrain(small_config(digits_data_dir, total_steps=2), wd, devices=jax.devices()[:1])
+  before = _snapshot(wd)
+  with pytest.raises(UserError, match="does not match this config"):
+    train.pretrain(small_config(digits_data_dir, total_steps=2, **{"model.variant": "Mu/8"},
+                                image_size=32), wd, devices=jax.devices()[:1])
+  assert _snapshot(wd) == before
+
+
+def _snapshot(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "rb") as fh:
+        out[os.path.relpath(path, directory)] = fh.read()
+  return out
+
+
+def _cli(*args, env_extra=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "mae_jax.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_pretrains_on_the_embedded_default(tmp_path, digits_data_dir):
+  wd = str(tmp_path / "wd")
+  r = _cli("--config=configs/mae.py", f"--workdir={wd}", *SMALL, "--config.total_steps=4",
+           f"--config.dataset.data_dir={digits_data_dir}", "--config.mask_ratio=0.5",
+           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "step 4/4" in r.stdout and "loss" in r.stdout
+  records = train.read_metrics(wd)
+  assert [rec["step"] for rec in records if "loss" in rec] == [2, 4]
+  assert all(np.isfinite(rec["loss"]) for rec in records if "loss" in rec)
+  with open(os.path.join(wd, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["mask_ratio"] == 0.5 and saved["image_size"] == 16
+  assert os.listdir(os.path.join(wd, "tensorboard"))
+  assert os.listdir(os.path.join(wd, "checkpoints")) == ["4"]
+
+
+BAD_INPUTS = [
+    (["--config.nope=1"], "nope"),
+    (["--config.model.nope=1"], "nope"),
+    (["--config.image_size=30"], "image_size=30 is not divisible by the patch size"),
+    (["--config.mask_ratio=1.0"], "mask_ratio must be in (0, 1)"),
+    (["--config.mask_ratio=0"], "mask_ratio must be in (0, 1)"),
+    (["--config.batch_size=36"], "not divisible by the 8 devices"),
+    (["--config.dataset.name=imagenet_typo"], "unknown dataset 'imagenet_typo'"),
+    (["--config.dataset.name=folder", "--config.dataset.folder=/nonexistent/images"],
+     "does not exist"),
+    (["--config=configs/mae.py:vit_x99"], "vit_x99"),
+    (["--config=configs/nomethod.py"], "nomethod.py"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[a[0] for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, digits_data_dir, args,
+                                                            message):
+  wd = tmp_path / "existing"
+  wd.mkdir()
+  (wd / "notes.txt").write_text("keep me")
+  before = _snapshot(str(wd))
+  config = [a for a in args if a.startswith("--config=")] or ["--config=configs/mae.py"]
+  rest = [a for a in args if not a.startswith("--config=")]
+  r = _cli(*config, f"--workdir={wd}", *SMALL, "--config.total_steps=2",
+           f"--config.dataset.data_dir={digits_data_dir}", *rest,
+           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
+  lines = [line for line in r.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+  assert message in lines[0]
+  assert "Traceback" not in r.stderr
+  assert _snapshot(str(wd)) == before
+
+
+def test_unwritable_workdir(tmp_path, digits_data_dir):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  r = _cli("--config=configs/mae.py", f"--workdir={blocker}/run", *SMALL,
+           f"--config.dataset.data_dir={digits_data_dir}")
+  assert r.returncode == 2
+  assert r.stderr.strip().startswith("error: workdir") and "not writable" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+  assert blocker.read_text() == "x"
