@@ -20,6 +20,11 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[-1] if text else type(e).__name__
 
 
+def _last_line(e: BaseException) -> str:
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[-1] if lines else type(e).__name__
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors (unknown keys, bad values, unknown variants)."""
   try:
@@ -28,6 +33,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(_first_line(e))
   except KeyError as e:  # a --config.KEY override for a key the config does not have.
     fail(f"unknown config key {e.args[0] if e.args else e} (keys are locked; see the config file)")
+  except (OSError, ImportError, SyntaxError) as e:  # the config file itself failed to load.
+    fail(f"cannot load the config file: {_last_line(e)}")
   except (AttributeError, TypeError, ValueError) as e:
     # Raised by config_flags while loading the config or applying --config.* overrides.
     fail(f"bad --config: {_first_line(e)}")
@@ -42,10 +49,7 @@ def config_value(holder, example: str = "configs/mae.py"):
     if config is not None:
       config.keys()  # touches the lazily-loaded config.
   except (OSError, ImportError, SyntaxError, AttributeError, ValueError, TypeError) as e:
-    text = str(e).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    detail = lines[-1] if lines else type(e).__name__
-    fail(f"cannot load the config file: {detail}")
+    fail(f"cannot load the config file: {_last_line(e)}")
   if config is None:
     fail(f"--config is required, e.g. --config={example}")
   return config
