@@ -40,3 +40,16 @@ def unshuffle(x_shuffled: jax.Array, ids_restore: jax.Array) -> jax.Array:
   """[B, L, D] tokens in shuffled order -> patch order, via ids_restore (static gather)."""
   return jnp.take_along_axis(x_shuffled, ids_restore[:, :, None], axis=1)
 
+
+def upsample_mask(mask: jax.Array, grid: tuple[int, int], factor: int) -> jax.Array:
+  """Nearest-neighbour upsampling of a patch mask onto a finer feature grid (ConvMAE).
+
+  mask: [B, h*w] in patch order (row-major over the (h, w) grid), any values (ConvMAE passes
+  1 = masked). Returns [B, h*factor, w*factor, 1] (NHWC, ready to multiply a feature map) where
+  cell (i, j) holds mask[i // factor, j // factor]: the official ConvMAE's repeat/permute of
+  the 14x14 mask to 28x28 (factor 2) and 56x56 (factor 4), for any grid.
+  """
+  h, w = grid
+  m = mask.reshape(mask.shape[0], h, w)
+  m = jnp.repeat(jnp.repeat(m, factor, axis=1), factor, axis=2)
+  return m[..., None]

@@ -1,0 +1,81 @@
+"""ConvMAE (Gao et al. 2022, "ConvMAE: Masked Convolution Meets Masked Autoencoders").
+
+Follows the official Alpha-VL/ConvMAE `models_convmae.py`: MAE's random mask drawn on the stage-3
+grid (one token per 16x16 pixels), masked convolutions in stages 1-2 (the mask upsampled x4 and
+x2), the transformer stage on the kept tokens only, multi-scale fusion of the stage-1/2 features,
+MAE's decoder without a cls token, and MAE's loss on masked 16x16 patches (normalized pixels,
+unbiased variance). Masking, prediction and loss are MAE's own code (`mae.Method`); only the
+encoder and the config checks differ.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mae_jax import masking
+from mae_jax.errors import UserError
+from mae_jax.methods import base, mae
+from mae_jax.models import convvit
+from mae_jax.models.convvit import PATCH_SIZE, ConvMAEEncoder
+from mae_jax.models.decoder import MAEDecoder
+
+
+class ConvMAE(nn.Module):
+  """Masked hybrid encoder on the kept stage-3 tokens + MAE decoder over all positions."""
+  encoder: ConvMAEEncoder
+  decoder: MAEDecoder
+
+  def __call__(self, images, ids_keep, ids_restore, train: bool = False):
+    # masking.random_mask's mask (1 = masked): the patches shuffled past the kept ones.
+    mask = (ids_restore >= ids_keep.shape[1]).astype(jnp.float32)  # [B, L]
+    latent = self.encoder(images, ids_keep, mask, train=train)  # [B, N_vis, w3]
+    return self.decoder(latent, ids_restore)  # [B, L, 16*16*3]
+
+
+def check_model_config(config) -> ConvMAEEncoder:
+  """The encoder named by config.model.variant; UserError for values that cannot work."""
+  try:
+    size = convvit.get_size(config.model.variant)
+  except ValueError as e:
+    raise UserError(f"config.model.variant: {e}") from None
+  if config.image_size % PATCH_SIZE:
+    raise UserError(f"config.image_size={config.image_size} is not a multiple of {PATCH_SIZE}, "
+                    "the pixels per ConvMAE stage-3 token")
+  if not 0.0 < config.mask_ratio < 1.0:
+    raise UserError(f"config.mask_ratio must be in (0, 1), got {config.mask_ratio}")
+  m = config.model
+  if m.dwconv_impl not in convvit.DWCONV_IMPLS:
+    raise UserError(f"config.model.dwconv_impl={m.dwconv_impl!r} is not one of "
+                    f"{convvit.DWCONV_IMPLS}")
+  if m.decoder_width % 4 or m.decoder_width % m.decoder_heads:
+    raise UserError(f"config.model.decoder_width={m.decoder_width} must be divisible by 4 and "
+                    f"by config.model.decoder_heads={m.decoder_heads}")
+  return ConvMAEEncoder(widths=size.widths, depths=size.depths, num_heads=size.num_heads,
+                        drop_path_rate=m.drop_path_rate, dwconv_impl=m.dwconv_impl)
+
+
+class Method(mae.Method):
+  """ConvMAE pretraining: config.model.{variant, dwconv_impl, decoder_*}, config.mask_ratio,
+  config.norm_pix_loss.
+
+  Inherits MAE's draw_mask / init_params / predict / loss: the ConvMAE module takes the same
+  (images, ids_keep, ids_restore) and the targets are MAE's, with 16x16 patches.
+  """
+
+  def __init__(self, config):
+    base.Method.__init__(self, config)  # not mae.Method's: that one builds a ViT.
+    encoder = check_model_config(config)
+    g = config.image_size // PATCH_SIZE
+    self.grid = (g, g)
+    self.patch_size = PATCH_SIZE
+    self.num_patches = g * g
+    self.num_keep = masking.num_visible(self.num_patches, config.mask_ratio)
+    if not 0 < self.num_keep < self.num_patches:
+      raise UserError(f"config.mask_ratio={config.mask_ratio} keeps {self.num_keep} of the "
+                      f"{self.num_patches} stage-3 tokens; keep at least one, mask at least one")
+    m = config.model
+    decoder = MAEDecoder(width=m.decoder_width, depth=m.decoder_depth, num_heads=m.decoder_heads,
+                         out_dim=PATCH_SIZE**2 * 3, grid=self.grid, has_cls=False)
+    self._model = ConvMAE(encoder=encoder, decoder=decoder)
+
