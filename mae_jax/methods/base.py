@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -38,3 +38,12 @@ class Method(abc.ABC):
   def loss(self, params: Params, batch: dict[str, jax.Array], rng: jax.Array,
            train: bool = True) -> tuple[jax.Array, Metrics]:
     """Scalar loss to minimise and a dict of scalar metrics (with 'loss')."""
+
+  @abc.abstractmethod
+  def features(self, params: Params, images: jax.Array, pool: Optional[str] = None) -> jax.Array:
+    """One feature vector per image, [B, D], from the encoder on all patches (no mask).
+
+    `params` is the full pretraining tree (as `loss` takes it); `pool` names how tokens become
+    one vector ('cls' or 'avg'; None: the method's default, the one its linear probe uses).
+    Deterministic (no dropout, no drop-path): for k-NN, probes and analysis.
+    """

@@ -79,3 +79,10 @@ class Method(mae.Method):
                          out_dim=PATCH_SIZE**2 * 3, grid=self.grid, has_cls=False)
     self._model = ConvMAE(encoder=encoder, decoder=decoder)
 
+
+  def features(self, params, images, pool=None):
+    """Mean of all stage-3 tokens (ConvMAE has no cls token; its linear probe averages)."""
+    if (pool or "avg") != "avg":
+      raise UserError(f"ConvMAE features pool must be 'avg' (there is no cls token), got {pool!r}")
+    tokens = self.model.encoder.apply({"params": params[self.encoder_key]}, images)  # [B, h*w, D]
+    return tokens.mean(axis=1)

@@ -122,6 +122,14 @@ class Method(base.Method):
                             rngs={"dropout": drop_rng})
     return pred, m.mask
 
+  def features(self, params, images, pool=None):
+    """cls token (default, the official linear probe's) or 'avg': mean of the patch tokens."""
+    pool = pool or "cls"
+    if pool not in ("cls", "avg"):
+      raise UserError(f"MAE features pool must be 'cls' or 'avg', got {pool!r}")
+    tokens = self.model.encoder.apply({"params": params[self.encoder_key]}, images)  # [B, 1+N, D]
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+
   def loss(self, params, batch, rng, train=True):
     images = batch["image"]
     pred, mask = self.predict(params, images, rng, train=train)

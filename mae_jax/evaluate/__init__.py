@@ -1,0 +1,1 @@
+"""Downstream evaluation of pretrained encoders: checkpoint loading (`encoder_init`), k-NN (`knn`)."""

@@ -1,0 +1,84 @@
+"""Pretrained parameters from a `train.pretrain` workdir, without its optimizer.
+
+The 'state' item of a pretraining checkpoint holds params, optimizer state, step and RNG key. An
+evaluation needs the params only, and must not have to rebuild the optimizer (its structure
+depends on the pretraining config): the abstract params tree is read from the checkpoint's own
+metadata and only `state.params` is restored (Orbax partial restore), with the 'meta' record.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from mae_jax.checkpoint import _check_shapes, checkpoint_dir
+from mae_jax.errors import UserError
+
+Params = Any
+
+
+def find_checkpoints(path: str) -> epath.Path:
+  """WORKDIR/checkpoints if it exists, else `path` itself (a checkpoints folder)."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise UserError(f"pretrained checkpoint path {path} does not exist")
+  sub = epath.Path(checkpoint_dir(path))
+  return sub if sub.is_dir() else p
+
+
+def load_pretrained(path: str, step: Optional[int] = None,
+                    sharding: Optional[jax.sharding.Sharding] = None) -> tuple[Params, dict]:
+  """(params, meta) of the latest checkpoint under `path` (a workdir or its checkpoints folder),
+  or of `step`. Arrays are placed with `sharding` (default: the first local device)."""
+  directory = find_checkpoints(path)
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise UserError(f"no checkpoints in {directory}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise UserError(f"no checkpoint for step {step} in {directory}; it has steps {steps}")
+    where = f"{directory} step {step}"
+    try:
+      stored = manager.item_metadata(step)["state"]
+      stored = getattr(stored, "tree", stored)  # TreeMetadata -> nested dict
+      params_meta = stored["params"]
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+      raise UserError(f"checkpoint {where} has no readable state.params: {_first_line(e)}") from None
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            params_meta)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": abstract}, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract})),
+        meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return restored["state"]["params"], dict(restored["meta"])
+
+
+def encoder_params(params: Params, method) -> Params:
+  """The encoder's subtree of a pretraining params tree (`method.encoder_key`)."""
+  if method.encoder_key not in params:
+    raise UserError(f"pretrained params have no {method.encoder_key!r} subtree; they have "
+                    f"{sorted(params)}")
+  return params[method.encoder_key]
+
+
+def check_fits(expected: Params, got: Params, where: str = "pretrained params") -> None:
+  """UserError (one line: counts and the first differences) unless `got` has exactly
+  `expected`'s array names and shapes; `where` names the source of `got` in the message."""
+  _check_shapes(expected, got, where)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
