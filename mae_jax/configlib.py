@@ -68,7 +68,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Logging: progress line + TensorBoard + WORKDIR/metrics.jsonl.
   c.log_every_steps = 50
+
+  # k-NN monitor during pretraining (cosine, temperature-weighted vote over the train split's
+  # features, scored on dataset.eval_split). 0 = off; it also runs at the last step when on.
+  c.knn = knn_config()
   return c
+
+
+def knn_config() -> ml_collections.ConfigDict:
+  k = ml_collections.ConfigDict()
+  k.every_steps = 0
+  k.k = 20
+  k.temperature = 0.07
+  k.pool = ""  # '' = the method's default ('cls' for MAE, 'avg' for ConvMAE).
+  k.batch_size = 0  # 0 = config.batch_size.
+  return k
 
 
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -106,6 +120,9 @@ def validate_common(c: ml_collections.ConfigDict, num_devices: int | None = None
   _check(c.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be positive")
   _check(c.keep_checkpoints > 0, "config.keep_checkpoints must be positive")
   _check(c.log_every_steps > 0, "config.log_every_steps must be positive")
+  _check(c.knn.every_steps >= 0, "config.knn.every_steps must be >= 0 (0 = off)")
+  _check(c.knn.k >= 1 and c.knn.temperature > 0,
+         "config.knn.k must be >= 1 and config.knn.temperature > 0")
   d = c.dataset
   _check(0 < d.crop_min_scale <= 1,
          f"config.dataset.crop_min_scale must be in (0, 1], got {d.crop_min_scale}")

@@ -28,14 +28,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 def run(config, workdir: str) -> None:
   # Imported here so that flag errors answer fast, without loading JAX and TensorFlow.
   from mae_jax import train
-  tasks = {"pretrain": train.pretrain}
+  from mae_jax.evaluate import knn_task
+  tasks = {"pretrain": train.pretrain, "knn": knn_task.run_knn}
   if config.task not in tasks:
     raise UserError(f"unknown config.task {config.task!r}; one of {sorted(tasks)}")
   tasks[config.task](config, workdir)
 
 
 def main(argv: list[str]) -> None:
-  logging.set_verbosity(logging.WARNING)  # JAX's backend probing is noise on the console.
+  logging.set_verbosity(logging.ERROR)  # JAX backend probing and Orbax notices are console noise.
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = config_value(_CONFIG)

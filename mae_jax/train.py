@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mae_jax import configlib, data, optim
 from mae_jax.checkpoint import Checkpointer
 from mae_jax.errors import UserError
+from mae_jax.evaluate.knn import evaluate_knn
 from mae_jax.methods import get_method
 from mae_jax.metric_writers import MetricWriter, progress_line
 
@@ -193,10 +194,15 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
   spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size,
                              process_count)
   plan = make_plan(config, spe)
+  if config.knn.every_steps and source.num_classes < 2:
+    raise UserError(f"config.knn.every_steps needs a labelled dataset; {source.name} has "
+                    f"{source.num_classes} classes")
+  if config.knn.every_steps:
+    source.check_split(config.dataset.eval_split)
   check_workdir(workdir)
 
   # --- Model, optimizer, update step.
-  _, init_state, step_fn = build_update(config, mesh, plan)
+  method, init_state, step_fn = build_update(config, mesh, plan)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   init_fn = jax.jit(init_state, out_shardings=replicated)
@@ -278,6 +284,16 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
         pending, steps_since_log, t_log = [], 0, time.perf_counter()
       if done % config.checkpoint_every_steps == 0 or done == plan.total_steps or stop:
         ckpt.save(done, state, _meta(config, done, plan), force=True)
+      knn_every = config.knn.every_steps
+      if knn_every and (done % knn_every == 0 or done == plan.total_steps):
+        t0 = time.perf_counter()
+        knn = evaluate_knn(config, method, state.params, source, k=config.knn.k,
+                           temperature=config.knn.temperature, pool=config.knn.pool or None,
+                           batch_size=config.knn.batch_size or None)
+        print(f"step {done} | k-NN top-1 {knn['knn_top1']:.4f} "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        writer.write(done, knn)
+        history.append({"step": done, **knn})
       if stop:
         print(f"stopping at step {done}{' (preemption notice)' if preempted else ''}; "
               "re-run the same command to resume", flush=True)

@@ -1,5 +1,7 @@
 """Downstream evaluation: method features, loading pretrained params, weighted k-NN."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +192,45 @@ def test_knn_on_digits_with_a_barely_pretrained_encoder(pretrained):
   # ViT keeps enough of the pixels for k-NN; 0.5 leaves a wide margin against init noise while
   # failing for broken features (constant, shuffled labels, padding rows kept: all near 0.1).
   assert 0.5 < result["knn_top1"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _knn_task_config(init_from, data_dir, **overrides):
+  from configs import knn as knn_config
+  c = knn_config.get_config()
+  c.init_from = init_from
+  c.dataset.data_dir = data_dir
+  c.batch_size = 100
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_knn_task_scores_a_pretraining_workdir_and_a_random_baseline(pretrained, tmp_path,
+                                                                      digits_data_dir):
+  from mae_jax.evaluate import knn_task
+  _, workdir, _ = pretrained
+  out = knn_task.run_knn(_knn_task_config(workdir, digits_data_dir), str(tmp_path / "a"))
+  assert 0.1 < out["knn_top1"] <= 1.0 and out["pretrain_step"] == 2 and not out["random_init"]
+  with open(tmp_path / "a" / "knn.json") as f:
+    assert json.load(f)["knn_top1"] == out["knn_top1"]
+  rand = knn_task.run_knn(_knn_task_config(workdir, digits_data_dir, random_init=True),
+                          str(tmp_path / "b"))
+  assert rand["random_init"] and rand["pretrain_step"] is None
+  assert rand["knn_top1"] != out["knn_top1"]  # other weights, other neighbours.
+  with pytest.raises(UserError, match="init_from"):
+    knn_task.run_knn(_knn_task_config("", digits_data_dir), str(tmp_path / "c"))
+  with pytest.raises(UserError, match="config.json not found"):
+    knn_task.run_knn(_knn_task_config(str(tmp_path), digits_data_dir), str(tmp_path / "d"))
+
+
+def test_knn_monitor_during_pretraining(tmp_path, digits_data_dir):
+  config = small_config(digits_data_dir, total_steps=3, **{"knn.every_steps": 2,
+                                                           "knn.batch_size": 100})
+  out = train.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  knn = [h for h in out["history"] if "knn_top1" in h]
+  assert [h["step"] for h in knn] == [2, 3]  # every 2 steps and at the end.
+  assert all(0.0 <= h["knn_top1"] <= 1.0 for h in knn)
+  assert [r["step"] for r in train.read_metrics(str(tmp_path / "wd")) if "knn_top1" in r] == [2, 3]
