@@ -16,8 +16,13 @@ import orbax.checkpoint as ocp
 from mae_jax.errors import UserError
 
 
+def absolute(path: str) -> str:
+  """Local paths made absolute (Orbax refuses relative ones); gs:// and other URLs unchanged."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints")
+  return os.path.join(absolute(workdir), "checkpoints")
 
 
 class Checkpointer:

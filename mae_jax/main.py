@@ -28,11 +28,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 def run(config, workdir: str) -> None:
   # Imported here so that flag errors answer fast, without loading JAX and TensorFlow.
   from mae_jax import train
+  from mae_jax.checkpoint import absolute
   from mae_jax.evaluate import knn_task
   tasks = {"pretrain": train.pretrain, "knn": knn_task.run_knn}
   if config.task not in tasks:
     raise UserError(f"unknown config.task {config.task!r}; one of {sorted(tasks)}")
-  tasks[config.task](config, workdir)
+  tasks[config.task](config, absolute(workdir))
 
 
 def main(argv: list[str]) -> None:

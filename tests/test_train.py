@@ -134,18 +134,19 @@ def _snapshot(directory):
   return out
 
 
-def _cli(*args, env_extra=None):
+def _cli(*args, env_extra=None, cwd=REPO):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "mae_jax.main", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "mae_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
 
 def test_cli_pretrains_on_the_embedded_default(tmp_path, digits_data_dir):
   wd = str(tmp_path / "wd")
-  r = _cli("--config=configs/mae.py", f"--workdir={wd}", *SMALL, "--config.total_steps=4",
+  # A relative workdir, as in the README's quick start (Orbax itself needs absolute paths).
+  r = _cli(f"--config={REPO}/configs/mae.py", "--workdir=wd", *SMALL, "--config.total_steps=4",
            f"--config.dataset.data_dir={digits_data_dir}", "--config.mask_ratio=0.5",
-           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+           env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "step 4/4" in r.stdout and "loss" in r.stdout
   records = train.read_metrics(wd)

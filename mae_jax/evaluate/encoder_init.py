@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mae_jax.checkpoint import _check_shapes, checkpoint_dir
+from mae_jax.checkpoint import _check_shapes, absolute, checkpoint_dir
 from mae_jax.errors import UserError
 
 Params = Any
@@ -22,7 +22,7 @@ Params = Any
 
 def find_checkpoints(path: str) -> epath.Path:
   """WORKDIR/checkpoints if it exists, else `path` itself (a checkpoints folder)."""
-  p = epath.Path(path)
+  p = epath.Path(absolute(path))
   if not p.exists():
     raise UserError(f"pretrained checkpoint path {path} does not exist")
   sub = epath.Path(checkpoint_dir(path))
