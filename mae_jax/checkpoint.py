@@ -13,7 +13,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from mae_jax.errors import UserError
+from mae_jax.errors import UserError, first_line
 
 
 def absolute(path: str) -> str:
@@ -26,13 +26,15 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-  """Async `CheckpointManager` with max_to_keep and a save interval."""
+  """Async `CheckpointManager` keeping the newest `max_to_keep` checkpoints.
 
-  def __init__(self, workdir: str, save_interval_steps: int, max_to_keep: int,
-               create: bool = True):
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=create,
-        enable_async_checkpointing=True)
+  The caller decides when to save (the training loop: every config.checkpoint_every_steps, at
+  the end and when stopping), so every `save` is written.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int, create: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                           enable_async_checkpointing=True)
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -42,10 +44,10 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, meta: dict) -> bool:
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)), force=force)
+                                      meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores onto `abstract_state`'s shapes, dtypes and shardings; UserError on mismatch.
@@ -57,7 +59,7 @@ class Checkpointer:
     try:
       stored = self.manager.item_metadata(step)["state"]
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      raise UserError(f"checkpoint {where} is unreadable: {_first_line(e)}") from None
+      raise UserError(f"checkpoint {where} is unreadable: {first_line(e)}") from None
     _check_shapes(abstract_state, stored, where)
     try:
       restored = self.manager.restore(
@@ -65,7 +67,7 @@ class Checkpointer:
                                         meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
       raise UserError(f"checkpoint {where} does not match this config "
-                      f"(a different model or method?): {_first_line(e)}") from None
+                      f"(a different model or method?): {first_line(e)}") from None
     return restored["state"], dict(restored["meta"])
 
   def reached_preemption(self, step: int) -> bool:
@@ -76,11 +78,6 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
 
 
 def _names(path) -> str:

@@ -14,13 +14,8 @@ def fail(message: str) -> None:
   sys.exit(EXIT_USER_ERROR)
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  # config_flags wraps override errors; keep the innermost useful sentence.
-  return text.splitlines()[-1] if text else type(e).__name__
-
-
 def _last_line(e: BaseException) -> str:
+  """config_flags wraps load and override errors; the innermost useful sentence comes last."""
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
   return lines[-1] if lines else type(e).__name__
 
@@ -30,14 +25,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(_first_line(e))
+    fail(_last_line(e))
   except KeyError as e:  # a --config.KEY override for a key the config does not have.
     fail(f"unknown config key {e.args[0] if e.args else e} (keys are locked; see the config file)")
   except (OSError, ImportError, SyntaxError) as e:  # the config file itself failed to load.
     fail(f"cannot load the config file: {_last_line(e)}")
   except (AttributeError, TypeError, ValueError) as e:
     # Raised by config_flags while loading the config or applying --config.* overrides.
-    fail(f"bad --config: {_first_line(e)}")
+    fail(f"bad --config: {_last_line(e)}")
   return []
 
 

@@ -7,3 +7,10 @@ without a traceback. Anything else is a bug and keeps its traceback.
 
 class UserError(Exception):
   """A problem with the user's input: config values, datasets, paths, checkpoints."""
+
+
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message (TensorFlow's `.message` where it has one), for
+  wrapping a library error into a one-line `UserError`."""
+  text = str(getattr(e, "message", "") or e).strip()
+  return text.splitlines()[0] if text else type(e).__name__

@@ -150,12 +150,13 @@ def make_plan(config, steps_per_epoch: int) -> Plan:
               optim.scaled_lr(config.optimizer.base_lr, config.batch_size))
 
 
-def build_update(config, mesh: Mesh, plan: Plan):
+def build_update(config, mesh: Mesh, plan: Plan, method=None):
   """(method, init_state(rng) -> TrainState, jitted step(state, batch) -> (state, metrics)).
 
   The step is jitted over `mesh`: batch sharded on 'data', state replicated and donated.
+  `method` defaults to `get_method(config)`.
   """
-  method = get_method(config)
+  method = method or get_method(config)
   schedule = optim.warmup_cosine(plan.peak_lr, plan.total_steps, plan.warmup_steps,
                                  config.optimizer.min_lr)
   tx = optim.adamw(schedule, config.optimizer)
@@ -188,27 +189,27 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
   mesh = make_mesh(devices)
   num_devices = mesh.devices.size
   configlib.validate_common(config, num_devices)
-  get_method(config)  # validates the method's keys before the dataset is touched.
+  method = get_method(config)  # validates the method's keys before the dataset is touched.
   source = data.get_source(config.dataset)
   process_index, process_count = jax.process_index(), jax.process_count()
   spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size,
                              process_count)
   plan = make_plan(config, spe)
-  if config.knn.every_steps and source.num_classes < 2:
-    raise UserError(f"config.knn.every_steps needs a labelled dataset; {source.name} has "
-                    f"{source.num_classes} classes")
   if config.knn.every_steps:
+    if source.num_classes < 2:
+      raise UserError(f"config.knn.every_steps needs a labelled dataset; {source.name} has "
+                      f"{source.num_classes} classes")
     source.check_split(config.dataset.eval_split)
   check_workdir(workdir)
 
   # --- Model, optimizer, update step.
-  method, init_state, step_fn = build_update(config, mesh, plan)
+  _, init_state, step_fn = build_update(config, mesh, plan, method)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   init_fn = jax.jit(init_state, out_shardings=replicated)
 
   # --- Checkpoint: resume from the latest one, or start fresh.
-  ckpt = Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  ckpt = Checkpointer(workdir, config.keep_checkpoints)
   seed_key = jax.random.PRNGKey(config.seed)
   start_step = ckpt.latest_step()
   if start_step is not None:
@@ -283,7 +284,7 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
         history.append({"step": done, **scalars})
         pending, steps_since_log, t_log = [], 0, time.perf_counter()
       if done % config.checkpoint_every_steps == 0 or done == plan.total_steps or stop:
-        ckpt.save(done, state, _meta(config, done, plan), force=True)
+        ckpt.save(done, state, _meta(config, done, plan))
       knn_every = config.knn.every_steps
       if knn_every and (done % knn_every == 0 or done == plan.total_steps):
         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from mae_jax.errors import UserError  # noqa: E402
+from mae_jax.errors import UserError, first_line  # noqa: E402
 
 try:  # The input pipeline runs on the host CPU; leave accelerators to JAX.
   tf.config.set_visible_devices([], "GPU")
@@ -93,7 +93,7 @@ def _tfds_source(name: str, data_dir: str) -> Source:
     raise UserError(f"unknown dataset {name!r}: not a tensorflow-datasets name, "
                     f"{DIGITS!r} or 'folder'") from None
   except (ValueError, tf.errors.OpError) as e:
-    raise UserError(f"cannot open dataset {name!r}: {_first_line(e)}") from None
+    raise UserError(f"cannot open dataset {name!r}: {first_line(e)}") from None
   if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
     if name == DIGITS:  # The embedded default prepares itself: no download, a few seconds.
       print(f"preparing {DIGITS} in {builder.data_dir} (first use)", flush=True)
@@ -234,9 +234,8 @@ def _folder_source(folder: str, val_fraction: float) -> Source:
     return ds.map(lambda p, l: {"image": tf.io.read_file(p), "label": l},
                   num_parallel_calls=tf.data.AUTOTUNE)
 
-  source = Source(f"folder {folder}", len(classes), tuple(table), count, reader)
-  source.splits = source.splits + (("val",) if "validation" in table else ())
-  return source
+  splits = tuple(table) + (("val",) if "validation" in table else ())  # 'val' aliases validation.
+  return Source(f"folder {folder}", len(classes), splits, count, reader)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -370,7 +369,7 @@ def _iterate(ds: tf.data.Dataset, source: Source, split: str) -> Iterator[dict]:
     return
   except _READ_ERRORS as e:
     raise UserError(f"cannot read an image of {source.name} split {split}: "
-                    f"{_first_line(e)}") from None
+                    f"{first_line(e)}") from None
 
 
 def train_batches(source: Source, d, *, split: str, image_size: int, global_batch_size: int,
@@ -420,8 +419,3 @@ def eval_batches(source: Source, d, *, split: str, image_size: int, global_batch
           steps * local - n)
   ds = ds.concatenate(pad).batch(local, drop_remainder=True).prefetch(2)
   yield from _iterate(ds, source, split)
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(getattr(e, "message", "") or e).strip()
-  return text.splitlines()[0] if text else type(e).__name__

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mae_jax.checkpoint import _check_shapes, absolute, checkpoint_dir
-from mae_jax.errors import UserError
+from mae_jax.errors import UserError, first_line
 
 Params = Any
 
@@ -51,7 +51,7 @@ def load_pretrained(path: str, step: Optional[int] = None,
       stored = getattr(stored, "tree", stored)  # TreeMetadata -> nested dict
       params_meta = stored["params"]
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      raise UserError(f"checkpoint {where} has no readable state.params: {_first_line(e)}") from None
+      raise UserError(f"checkpoint {where} has no readable state.params: {first_line(e)}") from None
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                             params_meta)
@@ -77,8 +77,3 @@ def check_fits(expected: Params, got: Params, where: str = "pretrained params") 
   """UserError (one line: counts and the first differences) unless `got` has exactly
   `expected`'s array names and shapes; `where` names the source of `got` in the message."""
   _check_shapes(expected, got, where)
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__

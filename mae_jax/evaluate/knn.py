@@ -24,11 +24,18 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+@functools.lru_cache(maxsize=16)
+def _features_fn(method, pool: Optional[str]):
+  """One jitted feature function per (method, pool), so both splits of an evaluation and every
+  periodic k-NN eval of a run reuse one compilation."""
+  return jax.jit(lambda p, x: _l2_normalize(method.features(p, x, pool)))
+
+
 def extract(method, params, batches: Iterable[dict], pool: Optional[str] = None
             ) -> tuple[np.ndarray, np.ndarray]:
   """(features float32 [N, D], L2-normalized; labels int [N]) over `eval_batches`-style dicts
   {'image', 'label', 'mask'}; rows with mask 0 (padding) are dropped."""
-  features_fn = jax.jit(lambda p, x: _l2_normalize(method.features(p, x, pool)))
+  features_fn = _features_fn(method, pool)
   feats, labels = [], []
   for batch in batches:
     keep = np.asarray(batch["mask"]) > 0
