@@ -20,6 +20,11 @@ def _last_line(e: BaseException) -> str:
   return lines[-1] if lines else type(e).__name__
 
 
+def _unknown_key(e: KeyError) -> None:
+  key = e.args[0] if e.args else e
+  fail(f"unknown config key {key} (keys are locked; see the config file)")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors (unknown keys, bad values, unknown variants)."""
   try:
@@ -27,11 +32,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     fail(_last_line(e))
   except KeyError as e:  # a --config.KEY override for a key the config does not have.
-    fail(f"unknown config key {e.args[0] if e.args else e} (keys are locked; see the config file)")
+    _unknown_key(e)
   except (OSError, ImportError, SyntaxError) as e:  # the config file itself failed to load.
     fail(f"cannot load the config file: {_last_line(e)}")
   except (AttributeError, TypeError, ValueError) as e:
-    # Raised by config_flags while loading the config or applying --config.* overrides.
+    # Raised by config_flags while loading the config or applying --config.* overrides; an
+    # unknown key arrives as AttributeError(KeyError) depending on the flags' order.
+    if e.args and isinstance(e.args[0], KeyError):
+      _unknown_key(e.args[0])
     fail(f"bad --config: {_last_line(e)}")
   return []
 

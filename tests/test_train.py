@@ -160,8 +160,8 @@ def test_cli_pretrains_on_the_embedded_default(tmp_path, digits_data_dir):
 
 
 BAD_INPUTS = [
-    (["--config.nope=1"], "nope"),
-    (["--config.model.nope=1"], "nope"),
+    (["--config.nope=1"], "unknown config key 'nope'"),
+    (["--config.model.nope=1"], "unknown config key 'nope'"),
     (["--config.image_size=30"], "image_size=30 is not divisible by the patch size"),
     (["--config.mask_ratio=1.0"], "mask_ratio must be in (0, 1)"),
     (["--config.mask_ratio=0"], "mask_ratio must be in (0, 1)"),
