@@ -201,6 +201,9 @@ class _ConvViTStages(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   dwconv_impl: str = "conv"  # 'shifts' is faster on CPU; see DepthwiseConv.
+  # A trainable `pos_embed` [1, h*w, w3] initialized with the sin-cos values (fine-tuning, as the
+  # official ConvViT); False: the fixed sin-cos constant (pretraining).
+  learnable_pos_embed: bool = False
 
   @classmethod
   def from_variant(cls, name: str, **kwargs):
@@ -239,7 +242,10 @@ class _ConvViTStages(nn.Module):
     x = ConvPatchEmbed(self.widths[2], STRIDES[2], xavier=True, name="patch_embed3")(x)
     b, gh, gw, d = x.shape
     x = nn.Dense(d, kernel_init=dense_init, name="patch_embed4")(x.reshape(b, gh * gw, d))
-    x = x + sincos_2d(d, gh, gw, cls_token=False)[None].astype(x.dtype)
+    pos = sincos_2d(d, gh, gw, cls_token=False)[None]  # [1, h*w, w3]
+    if self.learnable_pos_embed:
+      pos = self.param("pos_embed", lambda *_: jnp.asarray(pos), None)
+    x = x + pos.astype(x.dtype)
     return x, maps[0], maps[1]
 
   def _blocks3(self, x, train):
@@ -294,8 +300,8 @@ class ConvViT(_ConvViTStages):
   so we average instead. The head is initialized normal(head_init_std), bias 0 (official
   fine-tuning re-initializes it with std 2e-5, linear probing with 0.01). Parameters are those of
   ConvMAEEncoder minus the stage decoders (and `norm` <-> `fc_norm`); see `from_pretraining`.
-  The position embedding stays the fixed sin-cos one (the official fine-tuning model loads the
-  same sin-cos values into a trainable pos_embed).
+  With learnable_pos_embed (fine-tuning) the position embedding is a trainable `pos_embed`
+  initialized with the sin-cos values, as the official fine-tuning model loads them.
   """
   num_classes: int = 0
   global_pool: bool = True
@@ -321,10 +327,11 @@ def from_pretraining(params: dict, encoder_params: dict) -> dict:
 
   `params`: a freshly initialized ConvViT's params; `encoder_params`: the pretraining
   `params['encoder']`. As the official (strict=False) load: the stage decoders (and `norm` with
-  global_pool) are left out, `head` and `fc_norm` keep their fresh values. ValueError if any
-  other ConvViT parameter is missing from `encoder_params` or has another shape.
+  global_pool) are left out, `head` and `fc_norm` keep their fresh values, and so does a
+  learnable `pos_embed` the encoder lacks (its sin-cos init is the pretraining constant).
+  ValueError if any other ConvViT parameter is missing from `encoder_params` or has another shape.
   """
-  fresh = {"head", "fc_norm"}
+  fresh = {"head", "fc_norm"} | ({"pos_embed"} - set(encoder_params))
   missing = sorted(set(params) - fresh - set(encoder_params))
   if missing:
     raise ValueError(f"pretrained encoder lacks {missing}")

@@ -159,12 +159,26 @@ def gather_tokens(x, ids):
 
 
 class ViT(nn.Module):
-  """ViT encoder with cls token and fixed sin-cos position embedding.
+  """ViT encoder with cls token and 2-D sin-cos position embedding; optionally a classifier.
 
   `__call__(images, ids_keep)`: images [B, H, W, 3] (NHWC, normalized). If `ids_keep` [B, M] is
   given only those patch tokens are encoded (MAE's asymmetric encoder); position embeddings are
-  added before the gather and the cls token is prepended after it, as in the official MAE.
-  Returns the final-normed tokens [B, 1 + M, D] (cls first).
+  gathered with the tokens and the cls token is prepended after the gather, as in the official MAE.
+  Two hooks for other methods (both tokens are arrays owned by the caller's params, so the encoder's
+  parameter tree stays the plain ViT one): `patch_mask` [B, N] replaces those patch embeddings by
+  `mask_token` [1, 1, D] before the position embedding is added (SimMIM); `pos_mask` [B, M] (on
+  the kept tokens) replaces their position embedding by `pos_mask_token` [1, 1, D] (DropPos).
+
+  Output by `global_pool` (timm's names):
+    ''       final-normed tokens [B, 1 + M, D] (cls first): the pretraining encoder.
+    'token'  `norm` then the cls token [B, D] (the official linear probe's default).
+    'avg'    mean of the patch tokens, then `fc_norm` [B, D]; there is no `norm` (the official
+             fine-tuning default and timm's `global_pool='avg'`: the pretrained `norm` is dropped).
+  With num_classes > 0 a `head` Dense (kernel normal(head_init_std), bias 0) follows the pooling.
+
+  The position embedding is the fixed sin-cos constant (pretraining, as the official MAE), or with
+  `learnable_pos_embed` a `pos_embed` parameter [1, 1 + N, D] initialized with it (fine-tuning:
+  timm and the official fine-tuning code train it).
   """
   width: int
   depth: int
@@ -172,6 +186,10 @@ class ViT(nn.Module):
   patch_size: int
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
+  global_pool: str = ""
+  num_classes: int = 0
+  head_init_std: float = 2e-5
+  learnable_pos_embed: bool = False
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "ViT":
@@ -184,18 +202,43 @@ class ViT(nn.Module):
     return h // self.patch_size, w // self.patch_size
 
   @nn.compact
-  def __call__(self, images, ids_keep: Optional[jax.Array] = None, train: bool = False):
+  def __call__(self, images, ids_keep: Optional[jax.Array] = None, train: bool = False,
+               patch_mask: Optional[jax.Array] = None, mask_token: Optional[jax.Array] = None,
+               pos_mask: Optional[jax.Array] = None, pos_mask_token: Optional[jax.Array] = None):
+    if self.global_pool not in ("", "token", "avg"):
+      raise ValueError(f"ViT global_pool must be '', 'token' or 'avg', got {self.global_pool!r}")
     gh, gw = self.grid(images.shape[1:3])
     x = PatchEmbed(self.width, self.patch_size, name="patch_embed")(images)  # [B, N, D]
-    pos = sincos_2d(self.width, gh, gw, cls_token=True)  # [1 + N, D], a constant.
-    x = x + pos[None, 1:].astype(x.dtype)
+    pos = sincos_2d(self.width, gh, gw, cls_token=True)[None]  # [1, 1 + N, D], a constant.
+    if self.learnable_pos_embed:
+      pos = self.param("pos_embed", lambda *_: jnp.asarray(pos), None)
+    if patch_mask is not None:  # SimMIM: masked patch embeddings -> the mask token.
+      w = patch_mask.astype(x.dtype)[:, :, None]  # [B, N, 1]
+      x = x * (1.0 - w) + mask_token.astype(x.dtype) * w
+    patch_pos = jnp.broadcast_to(pos[:, 1:], x.shape).astype(x.dtype)  # [B, N, D]
     if ids_keep is not None:
       x = gather_tokens(x, ids_keep)  # [B, N_vis, D]
+      patch_pos = gather_tokens(patch_pos, ids_keep)
+    if pos_mask is not None:  # DropPos: these tokens get the position mask token instead.
+      w = pos_mask.astype(patch_pos.dtype)[:, :, None]  # [B, N_vis, 1]
+      patch_pos = patch_pos * (1.0 - w) + pos_mask_token.astype(patch_pos.dtype) * w
+    x = x + patch_pos.astype(x.dtype)
     cls = self.param("cls_token", token_init, (1, 1, self.width))
-    cls = (cls + pos[None, :1]).astype(x.dtype)
+    cls = (cls + pos[:, :1]).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)  # stochastic depth rule of timm.
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), name=f"blocks_{i}")(
           x, deterministic=not train)
-    return nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    if self.global_pool == "avg":
+      x = nn.LayerNorm(epsilon=1e-6, name="fc_norm")(x[:, 1:].mean(axis=1))  # [B, D]
+    else:
+      x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+      if self.global_pool == "token":
+        x = x[:, 0]  # [B, D]
+    if self.num_classes:
+      if not self.global_pool:
+        raise ValueError("a ViT with num_classes > 0 needs global_pool 'token' or 'avg'")
+      x = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.head_init_std),
+                   name="head")(x)
+    return x
