@@ -8,8 +8,9 @@
 #   bash launch/local.sh python ARGS...      # the venv's python, e.g. -m mae_jax.main ...
 #
 # Environment: PYTHON (interpreter to build the venv from, default python3), MAE_JAX_VENV (venv
-# path, default .venv in the repository), MAE_JAX_EXTRAS (pip extras, default "dev"; add "cuda"
-# on a GPU box or "tpu" on a TPU VM, e.g. MAE_JAX_EXTRAS=dev,cuda).
+# path, default .venv in the repository), MAE_JAX_EXTRAS (pip extras, default "dev", and "dev,torch"
+# for `test`, whose PyTorch conversion parity tests need torch and timm; add "cuda" on a GPU box
+# or "tpu" on a TPU VM, e.g. MAE_JAX_EXTRAS=dev,cuda).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,6 +54,7 @@ case "$cmd" in
     exec "$VENV/bin/python" -m mae_jax.main "${args[@]}"
     ;;
   test)
+    EXTRAS="${MAE_JAX_EXTRAS:-dev,torch}"  # tests/test_convert.py checks exports against torch + timm.
     setup
     # pytest exits 5 when it collects nothing: that is a broken checkout, not a pass.
     exec "$VENV/bin/python" -m pytest -q "$@"
