@@ -14,6 +14,8 @@ from mae_jax.errors import UserError
 # ImageNet statistics, as in the official MAE/timm pipelines.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# config.masking values: mae_jax.masking.draw_mask implements each.
+MASKINGS = ("random", "block")
 
 
 def dataset_config(name: str = "mae_jax_digits") -> ml_collections.ConfigDict:
@@ -44,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.image_size = 224
   c.dataset = dataset_config()
+  # Which patches a masking method hides: 'random' (MAE's uniform argsort of noise) or 'block'
+  # (BEiT's block-wise masking, exact count). Methods without a patch mask ignore it.
+  c.masking = "random"
 
   # Batch and schedule. batch_size is the GLOBAL batch of one optimizer update;
   # grad_accum_steps splits it into that many micro-batches inside the jitted step.
@@ -109,6 +114,8 @@ def validate_common(c: ml_collections.ConfigDict, num_devices: int | None = None
     _check(micro % num_devices == 0,
            f"global batch per micro-step ({micro} = config.batch_size / "
            f"config.grad_accum_steps) is not divisible by the {num_devices} devices")
+  _check(c.get("masking", "random") in MASKINGS,
+         f"config.masking must be one of {MASKINGS}, got {c.get('masking')!r}")
   _check(c.num_epochs > 0 or c.total_steps > 0,
          "config.num_epochs or config.total_steps must be positive")
   _check(c.warmup_epochs >= 0, f"config.warmup_epochs must be >= 0, got {c.warmup_epochs}")

@@ -108,7 +108,9 @@ class Method(base.Method):
     return self._model
 
   def draw_mask(self, rng: jax.Array, batch: int) -> masking.RandomMask:
-    return masking.random_mask(rng, batch, self.num_patches, self.num_keep)
+    """config.masking: 'random' (official MAE) or 'block' (BEiT's, same number kept)."""
+    return masking.draw_mask(self.config.get("masking", "random"), rng, batch, self.grid,
+                             self.num_keep)
 
   def init_params(self, rng, images):
     m = self.draw_mask(rng, images.shape[0])
