@@ -1,0 +1,196 @@
+"""DropPos (Wang et al. 2023, "DropPos: Pre-Training Vision Transformers by Reconstructing Dropped
+Positions"), following the official Haochen-Wang409/DropPos code as summarized in REFERENCE.md.
+
+Mask patches as MAE (gamma = 0.75, static gather); among the visible tokens, replace the position
+embedding of gamma_pos = 0.75 of them by a learnable position mask token ([CLS] keeps its own);
+a 2-block decoder without position embedding classifies each token's position among all N
+(cross-entropy). Targets are smoothed by a Gaussian over 2-D grid distance,
+W_ij = exp(-||p_i - p_j||^2 / sigma^2), each row normalized to sum 1 (the official code divides by
+the column sums through broadcasting, a quirk we do not copy; W is symmetric, so only the
+normalization axis differs); sigma decays linearly from config.sigma to 0 over training. Attentive
+reconstruction weights each dropped token by its [CLS] affinity: without gradients, the encoder
+sees the full image with true positions; softmax over patches of cos(CLS, patch) / tau, gathered
+at the visible patches and renormalized. Logs pos_acc, the accuracy on the dropped positions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mae_jax import masking
+from mae_jax.errors import UserError
+from mae_jax.methods import base
+from mae_jax.methods.mae import check_model_config
+from mae_jax.models.vit import Block, ViT, dense_init, token_init
+
+
+def grid_sq_distances(grid: tuple[int, int]) -> np.ndarray:
+  """[N, N] squared Euclidean distances between (row, col) cells, row-major patch order."""
+  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+  coords = np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1).astype(np.float32)  # [N, 2]
+  return ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1)
+
+
+def smoothed_targets(grid: tuple[int, int], sigma) -> jax.Array:
+  """[N, N] row-stochastic position targets: row i = exp(-d_ij^2 / sigma^2), normalized to sum 1.
+
+  No factor 2 in the exponent (official DropPos). sigma -> 0 gives the identity (one-hot); sigma
+  may be a traced scalar (it follows the schedule inside the jitted step).
+  """
+  d2 = jnp.asarray(grid_sq_distances(grid))
+  sigma2 = jnp.maximum(jnp.asarray(sigma, jnp.float32) ** 2, 1e-12)  # d = 0 stays exp(0) = 1
+  w = jnp.exp(-d2 / sigma2)
+  return w / jnp.sum(w, axis=1, keepdims=True)
+
+
+def sigma_schedule(sigma_max: float, step, total_steps: Optional[int]):
+  """sigma = sigma_max * (1 - progress), progress = step / total_steps clipped to [0, 1]; the
+  official (1 - epoch / epochs) * sigma_max, per step. Without a step or a total: sigma_max."""
+  if step is None or not total_steps:
+    return jnp.float32(sigma_max)
+  progress = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
+  return sigma_max * (1.0 - progress)
+
+
+def attentive_weights(tokens: jax.Array, ids_keep: jax.Array, tau: float) -> jax.Array:
+  """[B, M] weights of the visible tokens from a full-image encoding `tokens` [B, 1 + N, D].
+
+  softmax over all N patches of cos([CLS], patch) / tau, gathered at ids_keep [B, M], renormalized
+  to sum 1 (official DropPos attentive reconstruction, tau 0.1).
+  """
+  tokens = tokens.astype(jnp.float32)
+  tokens = tokens / jnp.maximum(jnp.linalg.norm(tokens, axis=-1, keepdims=True), 1e-12)
+  sim = jnp.einsum("bd,bnd->bn", tokens[:, 0], tokens[:, 1:])  # [B, N]
+  attn = jax.nn.softmax(sim / tau, axis=1)
+  attn = jnp.take_along_axis(attn, ids_keep, axis=1)  # [B, M]
+  return attn / jnp.sum(attn, axis=1, keepdims=True)
+
+
+def position_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum_i w_i * CE(target_i, softmax(logits_i)) / sum_i w_i; logits, targets [B, M, N], w [B, M]."""
+  ce = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+  return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+class PositionDecoder(nn.Module):
+  """DropPos decoder: embed, blocks (no position embedding), norm, linear to N position logits.
+  x [B, 1 + M, D_enc] -> [B, M, N] ([CLS] output discarded)."""
+  width: int
+  depth: int
+  num_heads: int
+  num_positions: int
+  mlp_ratio: float = 4.0
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.width, kernel_init=dense_init, name="embed")(x)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, name=f"blocks_{i}")(x)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    return nn.Dense(self.num_positions, kernel_init=dense_init, name="pred")(x)[:, 1:]
+
+
+class DropPos(nn.Module):
+  """Encoder on the kept tokens, some with the position mask token, + position decoder.
+
+  Params: 'encoder' (a plain ViT tree), 'pos_mask_token' [1, 1, D], 'decoder'.
+  """
+  encoder: ViT
+  decoder: PositionDecoder
+
+  @nn.compact
+  def __call__(self, images, ids_keep, pos_mask, train: bool = False):
+    pos_mask_token = self.param("pos_mask_token", token_init, (1, 1, self.encoder.width))
+    x = self.encoder(images, ids_keep, train=train, pos_mask=pos_mask,
+                     pos_mask_token=pos_mask_token)  # [B, 1 + M, D]
+    return self.decoder(x)  # [B, M, N]
+
+
+class Method(base.Method):
+  """DropPos pretraining: config.model.{variant, drop_path_rate, decoder_*}, config.mask_ratio,
+  config.pos_mask_ratio, config.sigma, config.attentive_tau (0 = plain average), config.masking.
+
+  `loss(..., step=None)`: with the training step (and `total_steps`, from config.total_steps or set
+  by the loop) sigma follows its schedule; without, it stays at config.sigma.
+  """
+
+  def __init__(self, config):
+    super().__init__(config)
+    encoder, self.grid = check_model_config(config)
+    self.num_patches = self.grid[0] * self.grid[1]
+    self.num_keep = masking.num_visible(self.num_patches, config.mask_ratio)
+    if not 1 <= self.num_keep < self.num_patches:
+      raise UserError(f"config.mask_ratio={config.mask_ratio} keeps {self.num_keep} of "
+                      f"{self.num_patches} patches; at least one must be kept and one masked")
+    if not 0.0 < config.pos_mask_ratio <= 1.0:
+      raise UserError(f"config.pos_mask_ratio must be in (0, 1], got {config.pos_mask_ratio}")
+    # Tokens that keep their position: int(M * (1 - gamma_pos)), as MAE's num_visible (12 of 49).
+    self.num_pos_keep = masking.num_visible(self.num_keep, config.pos_mask_ratio)
+    if self.num_pos_keep >= self.num_keep:
+      raise UserError(f"config.pos_mask_ratio={config.pos_mask_ratio} drops no position of the "
+                      f"{self.num_keep} visible tokens")
+    if config.sigma < 0:
+      raise UserError(f"config.sigma must be >= 0, got {config.sigma}")
+    if config.attentive_tau < 0:
+      raise UserError(f"config.attentive_tau must be >= 0 (0 = off), got {config.attentive_tau}")
+    m = config.model
+    if m.decoder_width % m.decoder_heads:
+      raise UserError(f"config.model.decoder_width={m.decoder_width} must be divisible by "
+                      f"config.model.decoder_heads={m.decoder_heads}")
+    decoder = PositionDecoder(width=m.decoder_width, depth=m.decoder_depth,
+                              num_heads=m.decoder_heads, num_positions=self.num_patches)
+    self._model = DropPos(encoder=encoder, decoder=decoder)
+    # Steps of the whole run, for the sigma schedule; the loop may set it (it knows the plan).
+    self.total_steps: Optional[int] = config.total_steps or None
+
+  @property
+  def model(self) -> DropPos:
+    return self._model
+
+  def draw_masks(self, rng: jax.Array, batch: int) -> tuple[masking.RandomMask, jax.Array]:
+    """(patch mask, pos_mask [B, M] float32: 1 = position dropped, exactly M - num_pos_keep)."""
+    patch_rng, pos_rng = jax.random.split(rng)
+    m = masking.draw_mask(self.config.get("masking", "random"), patch_rng, batch, self.grid,
+                          self.num_keep)
+    pos = masking.random_mask(pos_rng, batch, self.num_keep, self.num_pos_keep)
+    return m, pos.mask
+
+  def init_params(self, rng, images):
+    m, pos_mask = self.draw_masks(rng, images.shape[0])
+    return self.model.init({"params": rng}, images, m.ids_keep, pos_mask)["params"]
+
+  def sigma(self, step=None):
+    return sigma_schedule(self.config.sigma, step, self.total_steps)
+
+  def features(self, params, images, pool=None):
+    """cls token (default, as MAE's linear probe) or 'avg': mean of the patch tokens."""
+    pool = pool or "cls"
+    if pool not in ("cls", "avg"):
+      raise UserError(f"DropPos features pool must be 'cls' or 'avg', got {pool!r}")
+    tokens = self.model.encoder.apply({"params": params[self.encoder_key]}, images)  # [B, 1+N, D]
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+
+  def loss(self, params, batch, rng, train=True, step=None):
+    images = batch["image"]
+    mask_rng, drop_rng = jax.random.split(rng)
+    m, pos_mask = self.draw_masks(mask_rng, images.shape[0])
+    logits = self.model.apply({"params": params}, images, m.ids_keep, pos_mask, train=train,
+                              rngs={"dropout": drop_rng})  # [B, M, N]
+    sigma = self.sigma(step)
+    targets = smoothed_targets(self.grid, sigma)[m.ids_keep]  # [B, M, N]
+    weights = pos_mask
+    if self.config.attentive_tau > 0:
+      # The current encoder on the full image with true positions, without gradients.
+      full = self.model.encoder.apply({"params": jax.lax.stop_gradient(params[self.encoder_key])},
+                                      images)  # [B, 1 + N, D]
+      weights = weights * attentive_weights(jax.lax.stop_gradient(full), m.ids_keep,
+                                            self.config.attentive_tau)
+    loss = position_loss(logits, targets, weights)
+    correct = (jnp.argmax(logits, axis=-1) == m.ids_keep).astype(jnp.float32)
+    pos_acc = jnp.sum(correct * pos_mask) / jnp.sum(pos_mask)
+    return loss, {"loss": loss, "pos_acc": pos_acc, "sigma": jnp.asarray(sigma, jnp.float32)}
