@@ -243,6 +243,35 @@ def test_timm_classifier_logits_match_and_round_trip(pool, tmp_path):
   _assert_bitwise(params, back)
 
 
+def test_export_of_a_fine_tuning_workdir_goes_through_load_classifier(tmp_path, monkeypatch):
+  # The fine-tuning workdir's own format belongs to mae_jax.evaluate.classify: this checks the
+  # export's use of its documented loader, (module, params, info) = load_classifier(workdir).
+  classify = pytest.importorskip("mae_jax.evaluate.classify")
+  pytest.importorskip("timm")
+  model = ViT(width=192, depth=2, num_heads=3, patch_size=16, global_pool="avg", num_classes=5,
+              learnable_pos_embed=True)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = _draw(shapes, 6)
+  workdir = tmp_path / "ft"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"task": "finetune", "image_size": 32}))
+  calls = []
+
+  def load_classifier(path, step=None, best=False):
+    calls.append((path, step, best))
+    return model, params, {"step": 7, "image_size": 32, "variant": "Ti/16"}
+
+  monkeypatch.setattr(classify, "load_classifier", load_classifier)
+  out = str(tmp_path / "ft.safetensors")
+  info = workdirs.export_workdir(str(workdir), out, step=7)
+  assert calls == [(str(workdir), 7, False)] and info["source"].endswith("step 7")
+  assert info["hint"].startswith("timm.create_model('vit_tiny_patch16_224', num_classes=5, "
+                                 "global_pool='avg', img_size=32)")
+  _load_timm("vit_tiny_patch16_224", out, num_classes=5, global_pool="avg", img_size=32, depth=2)
+  info = workdirs.export_workdir(str(workdir), out, head=False, force=True)
+  assert "head.weight" not in files.read_state_dict(out)[0] and "num_classes=0" in info["hint"]
+
+
 # ----------------------------------------------------------------------------- official MAE
 
 

@@ -1,7 +1,7 @@
 r"""`python -m mae_jax.convert`: Orbax workdir -> PyTorch file, and back.
 
   python -m mae_jax.convert export --workdir=W [--step=N] [--format=auto|timm|mae|convmae] \
-      --out=FILE.safetensors|.pth [--image_size=N] [--no_head] [--force]
+      --out=FILE.safetensors|.pth [--image_size=N] [--no_head] [--best] [--force]
   python -m mae_jax.convert import --src=FILE --workdir=OUT [--arch=auto|mae|convmae|timm] \
       [--variant=B/16|base] [--image_size=N] [--decoder_heads=N] [--norm_pix_loss=true|false] \
       [--force]
@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
   e.add_argument("--image_size", type=int, default=None,
                  help="write the sin-cos position embeddings for this image size")
   e.add_argument("--no_head", action="store_true", help="leave a classifier's head out")
+  e.add_argument("--best", action="store_true",
+                 help="a fine-tuning workdir's best checkpoint (WORKDIR/best)")
   e.add_argument("--force", action="store_true", help="overwrite --out")
   i = sub.add_parser("import", help=".safetensors / .pth -> Orbax pseudo-pretraining workdir")
   i.add_argument("--src", required=True, help="a .pth (loaded weights-only) or .safetensors")
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "export":
       out = workdirs.export_workdir(args.workdir, args.out, fmt=args.format, step=args.step,
                                     image_size=args.image_size, head=not args.no_head,
-                                    force=args.force)
+                                    best=args.best, force=args.force)
       print(f"wrote {out['out']}: {out['layout']} layout, {out['num_arrays']} arrays, "
             f"{out['num_params'] / 1e6:.2f}M values, from {out['source']}")
       print(f"load with: {out['hint']}")

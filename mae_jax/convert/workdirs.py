@@ -57,106 +57,107 @@ def _patch_size(encoder) -> int:
   return PATCH_SIZE
 
 
-def load_hint(fmt: str, config, tree, out: str) -> str:
-  """One line saying what loads the exported file."""
+def load_hint(fmt: str, tree, out: str, variant: Optional[str], image_size: int) -> str:
+  """One line saying what loads the exported file (timm's call, or the official model)."""
   load = ("safetensors.torch.load_file(FILE)" if out.endswith(".safetensors")
           else "torch.load(FILE, weights_only=True)")
-  if fmt == "timm":
-    enc = tree
-    variant = config.model.variant if "model" in config else None
-    name = layout.vit_timm_name(variant) if variant else None
-    head = enc.get("head", {}).get("kernel")
-    kwargs = [f"num_classes={head.shape[-1] if head is not None else 0}"]
-    if "fc_norm" in enc:
-      kwargs.append("global_pool='avg'")
-    if config.get("image_size", 224) != 224:
-      kwargs.append(f"img_size={config.image_size}")
-    if name is None:
-      width = layout.encoder_width(enc)
-      depth = sum(k.startswith("blocks_") for k in enc)
-      name = "vit_base_patch16_224"  # any ViT name: the keyword arguments set the size.
-      kwargs += [f"patch_size={_patch_size(enc)}", f"embed_dim={width}", f"depth={depth}",
-                 f"num_heads={vit_heads(variant) if variant else 'H'}"]
-    return f"timm.create_model('{name}', {', '.join(kwargs)}).load_state_dict({load})"
-  sd_load = load if out.endswith(".safetensors") else f"{load}['model']"
-  model = "models_mae.MaskedAutoencoderViT" if fmt == "mae" else "models_convmae's model"
-  return f"the official {model} of this size: model.load_state_dict({sd_load})"
-
-
-def vit_heads(variant: str) -> int:
-  from mae_jax.models.vit import parse_variant
-  return parse_variant(variant).num_heads
+  if fmt != "timm":
+    sd = load if out.endswith(".safetensors") else f"{load}['model']"
+    model = ("models_mae.MaskedAutoencoderViT" if fmt == "mae" else
+             "models_convmae model" if "decoder" in tree else "models_convvit.ConvViT")
+    return f"the official {model} of {variant or 'this size'}: model.load_state_dict({sd})"
+  head = tree.get("head", {}).get("kernel")
+  kwargs = [f"num_classes={head.shape[-1] if head is not None else 0}"]
+  if "fc_norm" in tree:
+    kwargs.append("global_pool='avg'")
+  if image_size != 224:
+    kwargs.append(f"img_size={image_size}")
+  name = layout.vit_timm_name(variant) if variant else None
+  if name is None:  # no timm name for this size: any ViT name, its size set by keywords.
+    from mae_jax.models.vit import parse_variant
+    name = "vit_base_patch16_224"
+    heads = parse_variant(variant).num_heads if variant else "HEADS"
+    kwargs += [f"patch_size={_patch_size(tree)}", f"embed_dim={layout.encoder_width(tree)}",
+               f"depth={sum(k.startswith('blocks_') for k in tree)}", f"num_heads={heads}"]
+  return f"timm.create_model('{name}', {', '.join(kwargs)}).load_state_dict({load})"
 
 
 def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int] = None,
-                   image_size: Optional[int] = None, head: bool = True,
+                   image_size: Optional[int] = None, head: bool = True, best: bool = False,
                    force: bool = False) -> dict:
   """Writes the checkpoint of `workdir` (latest, or `step`) to `out` in `fmt`'s layout.
 
-  fmt 'timm': the ViT encoder (a classifier with its head unless head=False); 'mae': the whole
-  official MAE model {'model': sd}; 'convmae': the official ConvMAE model; 'auto': by method.
-  `image_size` rewrites the fixed sin-cos buffers for another resolution (learned position
-  embeddings cannot be resized here). Returns a summary dict (layout, step, keys, hint).
+  A pretraining workdir: fmt 'timm' writes its ViT encoder, 'mae' the whole official MAE model
+  ({'model': sd} in a .pth), 'convmae' the whole official ConvMAE model; 'auto' picks by method.
+  A fine-tuning workdir (its classifier via `classify.load_classifier`, `best` for WORKDIR/best):
+  timm's layout for a ViT, the official ConvViT's for ConvMAE, with the head unless not `head`.
+  `image_size` writes the fixed sin-cos buffers for another resolution (a learned pos_embed is
+  exported as trained). Returns a summary dict (layout, source, counts, a load hint).
   """
   from mae_jax.checkpoint import absolute
-  from mae_jax.evaluate.encoder_init import check_fits, load_pretrained
-  from mae_jax.methods import get_method
   if fmt not in FORMATS:
     raise UserError(f"--format must be one of {FORMATS}, got {fmt!r}")
   files.check_out_path(out, force)  # before any loading.
   workdir = absolute(workdir)
   config = read_config(workdir)
-  if config.get("task", "pretrain") != "pretrain":
-    return _export_classifier(workdir, config, out, fmt, step, image_size, head)
+  task = config.get("task", "pretrain")
+  if task == "pretrain":
+    if best:
+      raise UserError("--best is for fine-tuning workdirs; a pretraining workdir has no best/")
+    fmt, tree, variant, size, step = _pretrained_tree(workdir, config, fmt, step, image_size)
+  elif task == "finetune":
+    fmt, tree, variant, size, step = _classifier_tree(workdir, config, fmt, step, image_size,
+                                                      head, best)
+  else:
+    raise UserError(f"{workdir} is a {task!r} workdir; export takes pretraining and fine-tuning "
+                    "workdirs")
+  patch = _patch_size(tree.get("encoder", tree))
+  if size % patch:
+    raise UserError(f"--image_size={size} is not a multiple of the patch size {patch}")
+  sd = layout.export_state_dict(tree, (size // patch, size // patch))
+  source = f"{workdir} step {step}"
+  with config.unlocked():
+    config.image_size = size
+  meta = {"config": json.loads(config.to_json_best_effort()), "layout": fmt, "source": source}
+  files.write_state_dict(out, sd, {files.META_KEY: json.dumps(meta)}, wrap_model=fmt != "timm")
+  return {"out": out, "layout": fmt, "source": source, "num_arrays": len(sd),
+          "num_params": int(sum(v.size for v in sd.values())),
+          "hint": load_hint(fmt, tree, out, variant, size)}
+
+
+def _pretrained_tree(workdir, config, fmt, step, image_size):
+  """(format, tree to export, variant, image size, step) of a pretraining workdir."""
+  from mae_jax.evaluate.encoder_init import check_fits, load_pretrained
+  from mae_jax.methods import get_method
   method = get_method(config)
   params, meta = load_pretrained(workdir, step)
   check_fits(_fresh_shapes(method, config.image_size), params, f"checkpoint of {workdir}")
   params = jax.device_get(params)
   name = config.method
   if fmt == "auto":
-    fmt = {"mae": "mae", "convmae": "convmae"}.get(name, "timm")
+    fmt = name if name in ("mae", "convmae") else "timm"
   encoder = params[method.encoder_key]
+  is_vit = "cls_token" in encoder and "patch_embed" in encoder
   if fmt == "timm":
-    if "cls_token" not in encoder or "patch_embed" not in encoder:
-      raise UserError(f"--format=timm needs a ViT encoder; {workdir} trained {name!r} (use "
-                      f"--format={name})" if name == "convmae" else
-                      f"--format=timm needs a ViT encoder; {workdir} has none")
+    if not is_vit:
+      raise UserError(f"--format=timm needs a ViT encoder; {workdir} trained {name!r}" +
+                      (" (use --format=convmae)" if name == "convmae" else ""))
     tree = encoder
   elif fmt != name:
     raise UserError(f"--format={fmt} needs a {fmt} pretraining workdir; {workdir} trained "
-                    f"{name!r}" + (" (use --format=timm for its ViT encoder)"
-                                   if "cls_token" in encoder else ""))
+                    f"{name!r}" + (" (use --format=timm for its ViT encoder)" if is_vit else ""))
   else:
     tree = params
-  size = image_size or config.image_size
-  patch = _patch_size(encoder)
-  if size % patch:
-    raise UserError(f"--image_size={size} is not a multiple of the patch size {patch}")
-  with config.unlocked():
-    config.image_size = size
-  sd = layout.export_state_dict(tree, (size // patch, size // patch))
-  source = f"{os.path.abspath(workdir)} step {meta.get('step')}"
-  return _write(out, sd, fmt, config, source, tree)
+  return fmt, tree, config.model.variant, image_size or config.image_size, meta.get("step")
 
 
-def _write(out, sd, fmt, config, source, tree) -> dict:
-  info = {"config": json.loads(config.to_json_best_effort()), "layout": fmt, "source": source}
-  files.write_state_dict(out, sd, {files.META_KEY: json.dumps(info)}, wrap_model=fmt != "timm")
-  return {"out": out, "layout": fmt, "source": source, "num_arrays": len(sd),
-          "num_params": int(sum(v.size for v in sd.values())),
-          "hint": load_hint(fmt, config, tree, out)}
-
-
-def _export_classifier(workdir, config, out, fmt, step, image_size, head) -> dict:
-  """A fine-tuning workdir through `classify.load_classifier` (timm / official ConvViT layout)."""
-  if importlib.util.find_spec("mae_jax.evaluate.classify") is None:
-    raise UserError(f"{workdir} is a {config.task!r} workdir; exporting it needs "
-                    "mae_jax.evaluate.classify.load_classifier, which this version lacks")
+def _classifier_tree(workdir, config, fmt, step, image_size, head, best):
+  """(format, tree, variant, image size, step) of a fine-tuning workdir."""
   from mae_jax.evaluate import classify
   from mae_jax.models.convvit import ConvViT
   from mae_jax.models.vit import ViT
-  module, params, info = classify.load_classifier(workdir, step)
-  tree = dict(jax.device_get(params))
+  module, params, info = classify.load_classifier(workdir, step, best=best)
+  tree = dict(params)
   if not head:
     tree.pop("head", None)
   if isinstance(module, ViT):
@@ -168,13 +169,11 @@ def _export_classifier(workdir, config, out, fmt, step, image_size, head) -> dic
   if fmt not in ("auto", want):
     raise UserError(f"--format={fmt} does not fit a {type(module).__name__} classifier "
                     f"(use --format={want})")
-  size = image_size or config.get("image_size", 224)
-  if "pos_embed" in tree and image_size and image_size != config.get("image_size"):
-    raise UserError("--image_size cannot resize a learned pos_embed; export at the trained size")
-  patch = _patch_size(tree)
-  sd = layout.export_state_dict(tree, (size // patch, size // patch))
-  step_ = info.get("step") if isinstance(info, dict) else None
-  return _write(out, sd, want, config, f"{os.path.abspath(workdir)} step {step_}", tree)
+  size = info.get("image_size") or config.image_size
+  if image_size and image_size != size and "pos_embed" in tree:
+    raise UserError(f"--image_size={image_size}: this classifier's pos_embed is learned at "
+                    f"{size} px and is exported as trained; fine-tuning code resizes it")
+  return want, tree, info.get("variant"), size, info.get("step")
 
 
 # ----------------------------------------------------------------------------- import
