@@ -21,8 +21,8 @@ def absolute(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(absolute(workdir), "checkpoints")
+def checkpoint_dir(workdir: str, name: str = "checkpoints") -> str:
+  return os.path.join(absolute(workdir), name)
 
 
 class Checkpointer:
@@ -32,10 +32,11 @@ class Checkpointer:
   the end and when stopping), so every `save` is written.
   """
 
-  def __init__(self, workdir: str, max_to_keep: int, create: bool = True):
+  def __init__(self, workdir: str, max_to_keep: int, create: bool = True,
+               name: str = "checkpoints"):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=True)
-    self.directory = checkpoint_dir(workdir)
+    self.directory = checkpoint_dir(workdir, name)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -69,6 +70,15 @@ class Checkpointer:
       raise UserError(f"checkpoint {where} does not match this config "
                       f"(a different model or method?): {first_line(e)}") from None
     return restored["state"], dict(restored["meta"])
+
+  def best_metric(self, key: str) -> Optional[float]:
+    """`meta[key]` of the newest checkpoint here (the best one so far in WORKDIR/best)."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    value = dict(meta["meta"]).get(key)
+    return None if value is None else float(value)
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)

@@ -29,8 +29,9 @@ def run(config, workdir: str) -> None:
   # Imported here so that flag errors answer fast, without loading JAX and TensorFlow.
   from mae_jax import train
   from mae_jax.checkpoint import absolute
-  from mae_jax.evaluate import knn_task
-  tasks = {"pretrain": train.pretrain, "knn": knn_task.run_knn}
+  from mae_jax.evaluate import classify, knn_task
+  tasks = {"pretrain": train.pretrain, "knn": knn_task.run_knn, "finetune": classify.run,
+           "linprobe": classify.run}
   if config.task not in tasks:
     raise UserError(f"unknown config.task {config.task!r}; one of {sorted(tasks)}")
   tasks[config.task](config, absolute(workdir))

@@ -35,10 +35,11 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def adamw(schedule: optax.Schedule, opt_cfg) -> optax.GradientTransformation:
-  """AdamW with the decay mask above and optional global-norm clipping (0 = none)."""
+def adamw(schedule: optax.Schedule, opt_cfg, mask=decay_mask) -> optax.GradientTransformation:
+  """AdamW with a weight-decay mask (default: `decay_mask`) and optional global-norm clipping
+  (0 = none)."""
   tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
-                   weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+                   weight_decay=opt_cfg.weight_decay, mask=mask)
   if opt_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
   return tx

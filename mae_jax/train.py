@@ -1,8 +1,9 @@
-"""The one training loop, shared by every pretraining method.
+"""The one training loop, shared by every pretraining method and the downstream tasks.
 
 Sections, in order: validate -> mesh -> input -> model and optimizer -> jitted update step ->
-checkpoint restore -> loop (step, log, checkpoint). The method (model + masking + loss) comes from
-`mae_jax.methods.get_method(config)`; nothing below names a method.
+checkpoint restore (or the method's initial weights) -> loop (step, log, checkpoint, evals). The
+method (model + masking + loss) comes from `mae_jax.methods.get_method(config)`, or is passed in
+(fine-tuning and linear probing pass a `mae_jax.evaluate.classify` task); nothing below names one.
 
 Sharding: one mesh axis 'data' over every device of every process. The global batch is sharded
 over it, parameters and optimizer state are replicated, and the state is donated to the step.
@@ -43,6 +44,9 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # base PRNG key (raw uint32[2]); never advanced, folded with the step.
+  # Everything the step carries but does not differentiate: BatchNorm statistics, frozen
+  # parameters of a linear probe or partial fine-tuning. {} for the pretraining methods.
+  model_state: Any = dataclasses.field(default_factory=dict)
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -77,32 +81,44 @@ def split_micro_batches(batch: dict, k: int) -> dict:
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int) -> Callable:
-  """(state, batch) -> (state, metrics). Gradients of `grad_accum_steps` micro-batches are
-  averaged with a lax.scan before one optimizer update."""
+  """(state, batch) -> (state, metrics).
+
+  `loss_fn(params, model_state, batch, rng, step) -> (loss, (metrics, model_state))`; gradients
+  are taken for `params` only. Gradients of `grad_accum_steps` micro-batches are averaged with a
+  lax.scan before one optimizer update; the model state is threaded through the micro-batches.
+  """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step_fn(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
-      (_, metrics), grads = grad_fn(state.params, batch, rng)
+      (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng,
+                                                   state.step)
     else:
       micro = split_micro_batches(batch, grad_accum_steps)
 
       def accumulate(carry, i):
+        g_sum, m_sum, model_state = carry
         mb = jax.tree.map(lambda x: x[:, i], micro)
-        (_, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (g, m)), None
+        (_, (m, model_state)), g = grad_fn(state.params, model_state, mb,
+                                           jax.random.fold_in(rng, i), state.step)
+        return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m),
+                model_state), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      _, m_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[:, 0], micro),
-                                  rng)[0]
-      init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape))
-      (grads, metrics), _ = jax.lax.scan(accumulate, init, jnp.arange(grad_accum_steps))
+      first = jax.tree.map(lambda x: x[:, 0], micro)
+      _, (m_shape, _) = jax.eval_shape(grad_fn, state.params, state.model_state, first, rng,
+                                       state.step)[0]
+      init = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape),
+              state.model_state)
+      (grads, metrics, model_state), _ = jax.lax.scan(accumulate, init,
+                                                      jnp.arange(grad_accum_steps))
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         model_state=model_state), metrics
 
   return step_fn
 
@@ -150,38 +166,55 @@ def make_plan(config, steps_per_epoch: int) -> Plan:
               optim.scaled_lr(config.optimizer.base_lr, config.batch_size))
 
 
-def build_update(config, mesh: Mesh, plan: Plan, method=None):
-  """(method, init_state(rng) -> TrainState, jitted step(state, batch) -> (state, metrics)).
+@dataclasses.dataclass
+class Update:
+  """What `build_update` makes: the method, its optimizer, fresh state, the jitted step."""
+  method: Any
+  tx: optax.GradientTransformation
+  init_state: Callable  # rng -> TrainState (fresh weights), pure: jit / eval_shape it.
+  step: Callable  # jitted (state, batch) -> (state, metrics), state donated.
 
-  The step is jitted over `mesh`: batch sharded on 'data', state replicated and donated.
+  def __iter__(self):  # (method, init_state, step), the order callers unpack.
+    return iter((self.method, self.init_state, self.step))
+
+
+def build_update(config, mesh: Mesh, plan: Plan, method=None) -> Update:
+  """The method, its optimizer (`method.optimizer(schedule, params)`), fresh state and the
+  update step, jitted over `mesh`: batch sharded on 'data', state replicated and donated.
   `method` defaults to `get_method(config)`.
   """
   method = method or get_method(config)
   schedule = optim.warmup_cosine(plan.peak_lr, plan.total_steps, plan.warmup_steps,
                                  config.optimizer.min_lr)
-  tx = optim.adamw(schedule, config.optimizer)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   image_shape = (1, config.image_size, config.image_size, 3)
+  shapes = jax.eval_shape(method.init_state, jax.random.PRNGKey(0),
+                          jnp.zeros(image_shape, jnp.float32))
+  tx = method.optimizer(schedule, shapes[0])
 
   def init_state(rng):
     init_rng, base_rng = jax.random.split(rng)
-    params = method.init_params(init_rng, jnp.zeros(image_shape, jnp.float32))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=base_rng)
+    params, model_state = method.init_state(init_rng, jnp.zeros(image_shape, jnp.float32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=base_rng, model_state=model_state)
 
-  step_fn = jax.jit(make_train_step(method.loss, tx, schedule, config.grad_accum_steps),
+  step_fn = jax.jit(make_train_step(method.train_loss, tx, schedule, config.grad_accum_steps),
                     in_shardings=(replicated, batch_sharding),
                     out_shardings=(replicated, replicated), donate_argnums=0)
-  return method, init_state, step_fn
+  return Update(method, tx, init_state, step_fn)
 
 
 def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
-             stop_at_step: Optional[int] = None) -> dict:
-  """Pretrains `config.method` in `workdir`, resuming from its latest checkpoint.
+             stop_at_step: Optional[int] = None, method=None) -> dict:
+  """Trains `method` (default: `config.method`'s) in `workdir`, resuming from its latest
+  checkpoint; a fresh run starts from `method.initial_weights` (pretrained ones for downstream
+  tasks).
 
   `stop_at_step` ends the run early (after saving a checkpoint) as a preemption would; a
-  preemption notice seen by Orbax (multi-host) does the same.
+  preemption notice seen by Orbax (multi-host) does the same. A method with an `evaluate(state,
+  mesh)` is evaluated every config.eval_every_steps (0: every epoch) and at the end; its 'top1'
+  picks the best state, kept in WORKDIR/best beside the newest ones in WORKDIR/checkpoints.
 
   Returns {'state': final TrainState, 'history': [logged scalars]} (for tests and notebooks).
   """
@@ -189,7 +222,10 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
   mesh = make_mesh(devices)
   num_devices = mesh.devices.size
   configlib.validate_common(config, num_devices)
-  method = get_method(config)  # validates the method's keys before the dataset is touched.
+  # The method validates its keys (and a downstream task its pretrained source) before the
+  # dataset is touched.
+  method = method or get_method(config)
+  name = getattr(method, "name", None) or config.method
   source = data.get_source(config.dataset)
   process_index, process_count = jax.process_index(), jax.process_count()
   spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size,
@@ -202,14 +238,20 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
     source.check_split(config.dataset.eval_split)
   check_workdir(workdir)
 
+  evaluate = getattr(method, "evaluate", None)
+  eval_every = (config.get("eval_every_steps", 0) or plan.steps_per_epoch) if evaluate else 0
+
   # --- Model, optimizer, update step.
-  _, init_state, step_fn = build_update(config, mesh, plan, method)
+  update = build_update(config, mesh, plan, method)
+  init_state, step_fn = update.init_state, update.step
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   init_fn = jax.jit(init_state, out_shardings=replicated)
 
   # --- Checkpoint: resume from the latest one, or start fresh.
   ckpt = Checkpointer(workdir, config.keep_checkpoints)
+  best_ckpt = Checkpointer(workdir, 1, name="best") if evaluate else None
+  best_top1 = best_ckpt.best_metric("top1") if best_ckpt else None
   seed_key = jax.random.PRNGKey(config.seed)
   start_step = ckpt.latest_step()
   if start_step is not None:
@@ -224,6 +266,11 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
   else:
     start_step = 0
     state = init_fn(seed_key)
+    initial = method.initial_weights(state.params, state.model_state)
+    if initial is not None:  # e.g. a pretrained encoder; the optimizer starts from these.
+      params, model_state = jax.device_put(initial, replicated)
+      state = state.replace(params=params, model_state=model_state,
+                            opt_state=jax.jit(update.tx.init, out_shardings=replicated)(params))
 
   is_writer = process_index == 0
   if is_writer:
@@ -231,7 +278,9 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   writer = MetricWriter(workdir, enabled=is_writer)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f"{config.method}: {num_params / 1e6:.2f}M parameters, {num_devices} devices, "
+  num_frozen = sum(x.size for x in jax.tree.leaves(state.model_state))
+  frozen = f" (+{num_frozen / 1e6:.2f}M not trained)" if num_frozen else ""
+  print(f"{name}: {num_params / 1e6:.2f}M trained parameters{frozen}, {num_devices} devices, "
         f"{process_count} processes, {plan.steps_per_epoch} steps/epoch, "
         f"{plan.total_steps} steps, peak lr {plan.peak_lr:.3g}", flush=True)
 
@@ -285,6 +334,16 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
         pending, steps_since_log, t_log = [], 0, time.perf_counter()
       if done % config.checkpoint_every_steps == 0 or done == plan.total_steps or stop:
         ckpt.save(done, state, _meta(config, done, plan))
+      if eval_every and (done % eval_every == 0 or done == plan.total_steps):
+        t0 = time.perf_counter()
+        results = evaluate(state, mesh)
+        print(f"step {done} | eval " + " ".join(f"{k} {v:.4f}" for k, v in results.items()) +
+              f" ({time.perf_counter() - t0:.1f}s)", flush=True)
+        writer.write(done, results)
+        history.append({"step": done, **results})
+        if "top1" in results and (best_top1 is None or results["top1"] > best_top1):
+          best_top1 = results["top1"]
+          best_ckpt.save(done, state, {**_meta(config, done, plan), **results})
       knn_every = config.knn.every_steps
       if knn_every and (done % knn_every == 0 or done == plan.total_steps):
         t0 = time.perf_counter()
@@ -303,14 +362,17 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
       print(f"nothing to do: the latest checkpoint is at step {start_step} of "
             f"{plan.total_steps}", flush=True)
   finally:
-    ckpt.wait()
-    ckpt.close()
+    for c in (ckpt, best_ckpt):
+      if c is not None:
+        c.wait()
+        c.close()
     writer.close()
   return {"state": state, "history": history}
 
 
 def _meta(config, step: int, plan: Plan) -> dict:
   return {"step": step, "epoch": step / plan.steps_per_epoch, "method": config.method,
+          "task": config.task,
           "batch_size": config.batch_size, "steps_per_epoch": plan.steps_per_epoch,
           "examples_seen": step * config.batch_size}
 

@@ -65,17 +65,19 @@ def test_one_and_eight_devices_agree(tmp_path, digits_data_dir):
 
 def test_gradient_accumulation_equals_the_big_batch_step():
   # A loss that ignores the RNG: 4 micro-batches must give the 1-batch update, metrics included.
-  def loss_fn(params, batch, rng):
-    del rng
+  # The model state counts the micro-batches it saw (it is threaded through them).
+  def loss_fn(params, model_state, batch, rng, step):
+    del rng, step
     err = batch["x"] @ params["w"] + params["b"] - batch["y"]
     loss = jnp.mean(err**2)
-    return loss, {"loss": loss}
+    return loss, ({"loss": loss}, {"seen": model_state["seen"] + batch["x"].shape[0]})
 
   tx = optax.adamw(1e-2, b1=0.9, b2=0.95, weight_decay=0.05)
   sched = lambda step: 1e-2  # noqa: E731
   params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+                           opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                           model_state={"seen": jnp.zeros((), jnp.int32)})
   batch = {"x": jax.random.normal(jax.random.PRNGKey(1), (8, 3)),
            "y": jax.random.normal(jax.random.PRNGKey(2), (8, 2))}
   s1, m1 = jax.jit(train.make_train_step(loss_fn, tx, sched, 1))(state, batch)
@@ -85,6 +87,7 @@ def test_gradient_accumulation_equals_the_big_batch_step():
   for a, b in zip(_leaves(s1.params), _leaves(s4.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert int(s4.step) == 1
+  assert int(s1.model_state["seen"]) == int(s4.model_state["seen"]) == 8
 
 
 def test_grad_accum_config_trains(tmp_path, digits_data_dir):

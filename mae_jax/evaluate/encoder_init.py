@@ -29,10 +29,11 @@ def find_checkpoints(path: str) -> epath.Path:
   return sub if sub.is_dir() else p
 
 
-def load_pretrained(path: str, step: Optional[int] = None,
-                    sharding: Optional[jax.sharding.Sharding] = None) -> tuple[Params, dict]:
-  """(params, meta) of the latest checkpoint under `path` (a workdir or its checkpoints folder),
-  or of `step`. Arrays are placed with `sharding` (default: the first local device)."""
+def restore_items(path: str, keys: tuple[str, ...] = ("params",), step: Optional[int] = None,
+                  sharding: Optional[jax.sharding.Sharding] = None) -> tuple[dict, dict]:
+  """({key: subtree} of the checkpoint's state for each of `keys` it has, meta) of the latest
+  checkpoint under `path` (a workdir or a checkpoints folder), or of `step`. Only those subtrees
+  are read (Orbax partial restore), onto `sharding` (default: the first local device)."""
   directory = find_checkpoints(path)
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
@@ -49,20 +50,31 @@ def load_pretrained(path: str, step: Optional[int] = None,
     try:
       stored = manager.item_metadata(step)["state"]
       stored = getattr(stored, "tree", stored)  # TreeMetadata -> nested dict
-      params_meta = stored["params"]
+      wanted = {k: stored[k] for k in keys if k in stored and jax.tree.leaves(stored[k])}
+      if keys[0] not in wanted:
+        raise KeyError(keys[0])
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-      raise UserError(f"checkpoint {where} has no readable state.params: {first_line(e)}") from None
+      raise UserError(f"checkpoint {where} has no readable state.{keys[0]}: "
+                      f"{first_line(e)}") from None
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                            params_meta)
+                            wanted)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            item={"params": abstract}, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract})),
+            item=abstract, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
         meta=ocp.args.JsonRestore()))
   finally:
     manager.close()
-  return restored["state"]["params"], dict(restored["meta"])
+  return dict(restored["state"]), dict(restored["meta"])
+
+
+def load_pretrained(path: str, step: Optional[int] = None,
+                    sharding: Optional[jax.sharding.Sharding] = None) -> tuple[Params, dict]:
+  """(params, meta) of the latest checkpoint under `path` (a workdir or its checkpoints folder),
+  or of `step`. Arrays are placed with `sharding` (default: the first local device)."""
+  items, meta = restore_items(path, ("params",), step, sharding)
+  return items["params"], meta
 
 
 def encoder_params(params: Params, method) -> Params:

@@ -91,13 +91,14 @@ def scale_by_layer(scales) -> optax.GradientTransformation:
 
 
 def adamw_layer_decay(schedule: optax.Schedule, opt_cfg, params, layer_id_fn: LayerIdFn,
-                      decay: float, num_layers: int) -> optax.GradientTransformation:
+                      decay: float, num_layers: int,
+                      mask=optim.decay_mask) -> optax.GradientTransformation:
   """`mae_jax.optim.adamw` (b1, b2, weight decay off for 1-D params, optional clipping) followed
   by the layer scale, so each parameter's effective lr is lr * scale.
 
   The scale comes after the whole AdamW chain, so the decoupled weight decay term is scaled too:
   the official code sets a per-group lr = lr * lr_scale, and torch's AdamW multiplies the decay
-  by that group lr.
+  by that group lr. `mask` says where weight decay applies.
   """
   scales = layer_scales(params, layer_id_fn, decay, num_layers)
-  return optax.chain(optim.adamw(schedule, opt_cfg), scale_by_layer(scales))
+  return optax.chain(optim.adamw(schedule, opt_cfg, mask), scale_by_layer(scales))

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+import optax
+
+from mae_jax import optim
 
 Params = Any
 Metrics = dict[str, jax.Array]
@@ -15,8 +20,11 @@ Metrics = dict[str, jax.Array]
 class Method(abc.ABC):
   """Model + masking + loss for one pretraining method.
 
-  The training loop calls `init_params` once and `loss` inside the jitted step. `loss` must use
-  static shapes only; `batch` holds the global (micro-)batch, sharded over the mesh by jit.
+  The training loop calls `init_state` once (by default `init_params` and no model state) and
+  `train_loss` inside the jitted step (by default `loss`, given the step when its signature
+  takes `step`). `loss` must use static shapes only; `batch` holds the global (micro-)batch,
+  sharded over the mesh by jit. Downstream tasks (mae_jax.evaluate.classify) override the
+  stateful hooks; a pretraining method needs only the abstract methods.
   """
 
   # Where the encoder's parameters live in the params tree; fine-tuning and export read it.
@@ -47,3 +55,35 @@ class Method(abc.ABC):
     one vector ('cls' or 'avg'; None: the method's default, the one its linear probe uses).
     Deterministic (no dropout, no drop-path): for k-NN, probes and analysis.
     """
+
+  # ---------------------------------------------------------------- hooks of the training loop
+
+  @property
+  def encoder_module(self) -> nn.Module:
+    """The encoder whose parameters are `params[encoder_key]` (fine-tuning rebuilds it)."""
+    return self.model.encoder
+
+  def init_state(self, rng: jax.Array, images: jax.Array) -> tuple[Params, Any]:
+    """(trainable params, model state): state the step carries without gradients."""
+    return self.init_params(rng, images), {}
+
+  def initial_weights(self, params: Params, model_state: Any) -> Optional[tuple[Params, Any]]:
+    """Weights that replace the fresh ones when a run starts (not on resume); None: keep them."""
+    del params, model_state
+    return None
+
+  def optimizer(self, schedule: optax.Schedule, params: Params) -> optax.GradientTransformation:
+    """AdamW of config.optimizer (`params` are abstract shapes, for masks)."""
+    del params
+    return optim.adamw(schedule, self.config.optimizer)
+
+  @functools.cached_property
+  def _loss_takes_step(self) -> bool:
+    return "step" in inspect.signature(self.loss).parameters
+
+  def train_loss(self, params: Params, model_state: Any, batch: dict[str, jax.Array],
+                 rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[Metrics, Any]]:
+    """The loop's loss: (loss, (metrics, new model state))."""
+    extra = {"step": step} if self._loss_takes_step else {}
+    loss, metrics = self.loss(params, batch, rng, train=True, **extra)
+    return loss, (metrics, model_state)
