@@ -22,12 +22,14 @@ from mae_jax.cli import fail  # noqa: E402
 from mae_jax.errors import UserError  # noqa: E402
 
 
+PROG = "python -m mae_jax.convert"
+
+
 class _Parser(argparse.ArgumentParser):
   """argparse with the project's one-line errors (argparse prints usage + message)."""
 
   def error(self, message: str):
-    fail(f"{message} (see python -m mae_jax.convert {self.prog.split()[-1]} --help)"
-         if " " in self.prog else message)
+    fail(f"{message} (see {self.prog} --help)")
 
 
 def _bool(text: str) -> bool:
@@ -39,9 +41,10 @@ def _bool(text: str) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m mae_jax.convert",
+  p = _Parser(prog=PROG,
               description="Convert checkpoints between Orbax workdirs and PyTorch files.")
-  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  sub = p.add_subparsers(dest="command", required=True, metavar="{export,import}",
+                         parser_class=_Parser)
   e = sub.add_parser("export", help="Orbax workdir -> .safetensors / .pth")
   e.add_argument("--workdir", required=True, help="pretraining or fine-tuning workdir")
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

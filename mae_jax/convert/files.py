@@ -57,6 +57,17 @@ def file_type(path: str) -> str:
                   f"checkpoint (it starts with {head[:8]!r})")
 
 
+def _unpickler_reason(e: BaseException) -> str:
+  """The weights-only unpickler's own reason (e.g. 'Unsupported global: GLOBAL x.Y was not an
+  allowed global by default'), without torch's advice to load with weights_only=False."""
+  text = str(e)
+  if "WeightsUnpickler error:" in text:
+    rest = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0]
+    rest = " ".join(rest.split())
+    return rest.split(". ")[0].rstrip(".") or "unsupported content"
+  return first_line(e)
+
+
 def _to_numpy(t) -> np.ndarray:
   torch = require("torch")
   t = t.detach().cpu()
@@ -120,9 +131,9 @@ def read_state_dict(path: str) -> tuple[StateDict, dict[str, str]]:
       with torch.serialization.safe_globals([argparse.Namespace]):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-      raise UserError(f"refusing to unpickle {path}: it holds Python objects other than tensors "
-                      f"and plain containers (torch.load weights_only=True: {first_line(e)}); "
-                      "save its state_dict alone, or as .safetensors") from None
+      raise UserError(f"refusing to unpickle {path}: it is not a weights-only file "
+                      f"({_unpickler_reason(e)}); save its state_dict alone, or as "
+                      ".safetensors") from None
     except (RuntimeError, EOFError, OSError) as e:
       raise UserError(f"cannot read {path} as a PyTorch checkpoint: {first_line(e)}") from None
     sd, meta = _unwrap(obj, path)

@@ -237,7 +237,7 @@ def is_sincos(value: np.ndarray, width: int, grid: tuple[int, int], cls_token: b
 # ----------------------------------------------------------------------------- architectures
 
 
-def _block_count(names, prefix: str) -> int:
+def block_count(names, prefix: str) -> int:
   """Blocks `prefix.{i}.*` in a state_dict; ConversionError unless numbered 0..n-1."""
   ids = {int(m.group(1)) for n in names if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", n))}
   if ids and ids != set(range(len(ids))):
@@ -270,7 +270,7 @@ def infer_vit_variant(state_dict: Mapping[str, np.ndarray], variant: Optional[st
     raise UserError(f"unknown architecture: patch_embed.proj.weight has shape {list(w.shape)}, "
                     "not [D, 3, p, p]")
   width, patch = w.shape[0], w.shape[2]
-  depth = _block_count(state_dict, "blocks")
+  depth = block_count(state_dict, "blocks")
   for name, (w_, d_, _) in vit.SIZES.items():
     if (w_, d_) == (width, depth):
       return f"{name}/{patch}"
@@ -292,7 +292,7 @@ def infer_convvit_size(state_dict: Mapping[str, np.ndarray], variant: Optional[s
     widths = tuple(int(state_dict[f"patch_embed{s}.proj.weight"].shape[0]) for s in (1, 2, 3))
   except KeyError as e:
     raise UserError(f"unknown architecture: a ConvMAE state_dict needs {e.args[0]}") from None
-  depths = tuple(_block_count(state_dict, f"blocks{s}") for s in (1, 2, 3))
+  depths = tuple(block_count(state_dict, f"blocks{s}") for s in (1, 2, 3))
   for name, (w_, d_, _) in convvit.SIZES.items():
     if (tuple(w_), tuple(d_)) == (widths, depths):
       return name

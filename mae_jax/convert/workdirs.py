@@ -218,7 +218,7 @@ def _decoder_dims(sd, saved_model, decoder_heads: Optional[int]) -> tuple[int, i
   """(width, depth, heads, note) of an official decoder. Heads are not in the weights: from
   --decoder_heads, else our export's saved config, else the official 16."""
   width = int(sd["decoder_embed.weight"].shape[0]) if "decoder_embed.weight" in sd else 512
-  depth = layout._block_count(sd, "decoder_blocks")
+  depth = layout.block_count(sd, "decoder_blocks")
   note = ""
   if decoder_heads:
     heads = decoder_heads
