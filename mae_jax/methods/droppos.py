@@ -129,11 +129,9 @@ class Method(base.Method):
                       f"{self.num_patches} patches; at least one must be kept and one masked")
     if not 0.0 < config.pos_mask_ratio <= 1.0:
       raise UserError(f"config.pos_mask_ratio must be in (0, 1], got {config.pos_mask_ratio}")
-    # Tokens that keep their position: int(M * (1 - gamma_pos)), as MAE's num_visible (12 of 49).
+    # Tokens that keep their position: int(M * (1 - gamma_pos)) (12 of 49), as MAE's
+    # num_visible; with gamma_pos > 0 at least one position is dropped.
     self.num_pos_keep = masking.num_visible(self.num_keep, config.pos_mask_ratio)
-    if self.num_pos_keep >= self.num_keep:
-      raise UserError(f"config.pos_mask_ratio={config.pos_mask_ratio} drops no position of the "
-                      f"{self.num_keep} visible tokens")
     if config.sigma < 0:
       raise UserError(f"config.sigma must be >= 0, got {config.sigma}")
     if config.attentive_tau < 0:
