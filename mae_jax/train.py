@@ -276,6 +276,9 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
   if is_writer:
     with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    for file_name, text in method.workdir_files().items():
+      with tf.io.gfile.GFile(os.path.join(workdir, file_name), "w") as f:
+        f.write(text)
   writer = MetricWriter(workdir, enabled=is_writer)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   num_frozen = sum(x.size for x in jax.tree.leaves(state.model_state))

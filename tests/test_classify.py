@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_linear_probe_computes_no_gradient_for_the_encoder(pretrained, digits_da
       n = 0
       for eqn in j.eqns:
         n += eqn.primitive.name == "dot_general"
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
           n += walk(sub)
       return n
     return walk(jaxpr.jaxpr)

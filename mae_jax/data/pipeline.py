@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
+from mae_jax.data.randaugment import parse_randaugment, randaugment, random_erasing  # noqa: E402
 from mae_jax.errors import UserError, first_line  # noqa: E402
 
 try:  # The input pipeline runs on the host CPU; leave accelerators to JAX.
@@ -304,6 +305,12 @@ def _resize(image: tf.Tensor, size) -> tf.Tensor:
 
 
 def _train_transform(d, image_size: int, base_seed: int, epoch: int):
+  """RandomResizedCrop + flip (pretraining); with dataset.randaugment / dataset.reprob (the
+  fine-tuning recipe) also RandAugment after the flip and random erasing after normalization,
+  in timm's `create_transform` order."""
+  spec = parse_randaugment(d.randaugment) if d.get("randaugment") else None
+  reprob = float(d.get("reprob", 0.0))
+
   def fn(index, ex):
     seed = tf.stack([tf.constant(base_seed, tf.int64),
                      tf.constant(epoch, tf.int64) * (1 << 32) + index])
@@ -313,7 +320,16 @@ def _train_transform(d, image_size: int, base_seed: int, epoch: int):
     image = _resize(image, [image_size, image_size])
     if d.hflip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return {"image": _normalize(image, d.mean, d.std), "label": tf.cast(ex["label"], tf.int32)}
+    # Seeds of the fine-tuning augmentations come from their own branch, so the pretraining
+    # stream (crop, flip) is the same with or without them.
+    ra_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(seed, 1), 2))
+    if spec is not None:
+      image = randaugment(tf.cast(image, tf.uint8), ra_seed, spec)
+    image = _normalize(image, d.mean, d.std)
+    if reprob > 0:
+      image = random_erasing(image, erase_seed, reprob)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
   return fn
 
 

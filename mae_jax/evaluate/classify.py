@@ -43,6 +43,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mae_jax import data
+from mae_jax.data.randaugment import parse_randaugment
 from mae_jax.errors import UserError
 from mae_jax.evaluate import layer_decay
 from mae_jax.evaluate.encoder_init import encoder_params, load_pretrained, restore_items
@@ -249,6 +250,11 @@ class Task(base.Method):
     except UserError as e:
       raise UserError(f"the pretraining config of {config.init_from} at image_size "
                       f"{config.image_size}: {e}") from None
+    d = config.dataset
+    if d.get("randaugment"):
+      parse_randaugment(d.randaugment)  # a bad spec fails now, not in the input thread.
+    if not 0 <= d.get("reprob", 0.0) <= 1:
+      raise UserError(f"config.dataset.reprob must be in [0, 1], got {d.reprob}")
     self.source = data.get_source(config.dataset)
     self.num_classes = self.source.num_classes
     if self.num_classes < 2:
@@ -290,6 +296,10 @@ class Task(base.Method):
     # the workdir is touched.
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     jax.eval_shape(self.init_state, jax.random.PRNGKey(0), images)
+
+  def workdir_files(self) -> dict[str, str]:
+    # What `load_classifier` rebuilds the model from, even if init_from is gone later.
+    return {PRETRAIN_CONFIG: self.pretrain_config.to_json_best_effort(indent=2, sort_keys=True)}
 
   # --- model -------------------------------------------------------------------------------
 
@@ -441,12 +451,7 @@ def run(config, workdir: str) -> dict:
   """`config.task` 'finetune' or 'linprobe': trains, evaluates, keeps last and best."""
   from mae_jax import train
 
-  task = Task(config)
-  train.check_workdir(workdir)
-  if jax.process_index() == 0:  # what `load_classifier` rebuilds the model from.
-    with tf.io.gfile.GFile(os.path.join(workdir, PRETRAIN_CONFIG), "w") as f:
-      f.write(task.pretrain_config.to_json_best_effort(indent=2, sort_keys=True))
-  out = train.pretrain(config, workdir, method=task)
+  out = train.pretrain(config, workdir, method=Task(config))
   if jax.process_index() == 0:
     evals = [h for h in out["history"] if "top1" in h]
     if evals:

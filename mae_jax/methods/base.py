@@ -72,6 +72,10 @@ class Method(abc.ABC):
     del params, model_state
     return None
 
+  def workdir_files(self) -> dict[str, str]:
+    """{file name: text} the loop writes into the workdir beside config.json."""
+    return {}
+
   def optimizer(self, schedule: optax.Schedule, params: Params) -> optax.GradientTransformation:
     """AdamW of config.optimizer (`params` are abstract shapes, for masks)."""
     del params
