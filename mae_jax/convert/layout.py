@@ -197,8 +197,9 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], abstract: Params,
   unexpected = sorted(set(state_dict) - set(expected) - set(consts) - set(ignore))
   shapes, not_sincos = [], []
   for name, (_, kind, shape) in expected.items():
-    if name in state_dict and tuple(state_dict[name].shape) != torch_shape(shape, kind):
-      shapes.append(f"{name} {list(state_dict[name].shape)} (want {list(torch_shape(shape, kind))})")
+    want = torch_shape(shape, kind)
+    if name in state_dict and tuple(state_dict[name].shape) != want:
+      shapes.append(f"{name} {list(state_dict[name].shape)} (want {list(want)})")
   for name, value in consts.items():
     if name not in state_dict:
       continue  # a buffer, not a parameter: ours is computed.

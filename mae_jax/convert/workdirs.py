@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
