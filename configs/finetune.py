@@ -72,6 +72,11 @@ def get_config(arg: str | None = None):
     c.image_size = 0  # the pretraining run's (32 px for configs/mae.py's default).
     c.dataset.name = "mae_jax_digits"
     c.dataset.shuffle_buffer = 2000
+    # Digits are tiny and not mirror-symmetric: milder crops, no flip, RandAugment at m5 (at m9 a
+    # translation moves a 32 px digit by up to 13 px); mixup, cutmix and erasing as the recipe.
+    c.dataset.crop_min_scale = 0.6
+    c.dataset.hflip = False
+    c.dataset.randaugment = "rand-m5-mstd0.5-inc1"
     c.batch_size = 128
     c.num_epochs = 15.0
     c.warmup_epochs = 1.0

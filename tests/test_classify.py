@@ -220,3 +220,13 @@ def test_finetune_weight_decay_skips_tokens_and_vectors():
             "blocks_0": {"k": jnp.zeros((4, 4)), "b": jnp.zeros((4,))}}
   mask = classify.finetune_decay_mask(params)
   assert mask == {"cls_token": False, "pos_embed": False, "blocks_0": {"k": True, "b": False}}
+
+
+def test_pretraining_helps_verdict():
+  from mae_jax.evaluate.pretraining_helps import verdict
+  ok, lines = verdict({"knn": {"pretrained": 0.9, "random": 0.8},
+                       "linprobe": {"pretrained": 0.7, "random": 0.6},
+                       "finetune": {"pretrained": 0.5, "random": 0.6}})  # fine-tuning informs only.
+  assert ok and len(lines) == 4
+  assert not verdict({"knn": {"pretrained": 0.9, "random": 0.8},
+                      "linprobe": {"pretrained": 0.6, "random": 0.6}})[0]

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from mae_jax import data
 from mae_jax.errors import UserError
-from mae_jax.evaluate.encoder_init import check_fits, load_pretrained
+from mae_jax.evaluate.encoder_init import check_fits, encoder_params, load_pretrained
 from mae_jax.evaluate.knn import evaluate_knn
 from mae_jax.methods import get_method
 from mae_jax.metric_writers import MetricWriter
@@ -57,9 +57,11 @@ def run_knn(config, workdir: str) -> dict:
   if config.random_init:
     params, step = fresh, None
   else:
-    params, meta = load_pretrained(config.init_from, config.init_step or None)
-    check_fits(fresh, params, f"checkpoint of {config.init_from}")
-    step = meta.get("step")
+    loaded, meta = load_pretrained(config.init_from, config.init_step or None)
+    # Only the encoder matters (features); encoder-only imports have no decoder.
+    encoder = encoder_params(loaded, method)
+    check_fits(fresh[method.encoder_key], encoder, f"checkpoint of {config.init_from}")
+    params, step = {**fresh, method.encoder_key: encoder}, meta.get("step")
   train.check_workdir(workdir)
   result = evaluate_knn(pre, method, params, source, k=config.knn.k,
                         temperature=config.knn.temperature, pool=config.knn.pool or None,
