@@ -12,6 +12,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# With the torch extra installed: timm (torchvision -> torch._dynamo -> triton) must be imported
+# before TensorFlow; importing it after TensorFlow segfaults (seen here with torch 2.14.1, TF 2.21).
+try:
+  import timm  # noqa: F401,E402
+except ImportError:
+  pass
+
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
