@@ -18,7 +18,7 @@ from mae_jax import train
 from mae_jax.errors import UserError
 from mae_jax.evaluate import classify, encoder_init
 from mae_jax.models.vit import ViT, sincos_2d
-from test_train import REPO, small_config  # noqa: F401
+from test_train import REPO, override, small_config
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,7 @@ def _task_config(kind, init_from, data_dir, **overrides):
   c.log_every_steps = 1
   c.checkpoint_every_steps = 3
   c.classifier.eval_batch_size = 64
-  for k, v in overrides.items():
-    target = c
-    *path, leaf = k.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = v
-  return c
+  return override(c, overrides)
 
 
 def _flat(tree):

@@ -33,6 +33,11 @@ def small_config(data_dir, **overrides):
   c.log_every_steps = 2
   c.checkpoint_every_steps = 2
   c.dataset.data_dir = data_dir
+  return override(c, overrides)
+
+
+def override(c, overrides: dict):
+  """Sets dotted keys ('model.decoder_width') of config `c`; returns it."""
   for k, v in overrides.items():
     target = c
     *path, leaf = k.split(".")
