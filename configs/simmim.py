@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
     c.model.update(variant="Mu/4", drop_path_rate=0.0)
     c.mask_patch_size = 8
     c.dataset.update(name="mae_jax_digits", shuffle_buffer=2000)
-    c.update(image_size=32, batch_size=128, num_epochs=20.0, warmup_epochs=2.0,
+    c.update(image_size=32, batch_size=128, num_epochs=10.0, warmup_epochs=1.0,
              checkpoint_every_steps=100, log_every_steps=20)
     c.optimizer.base_lr = 2e-3  # high for a short demo; the paper recipe keeps 1e-4 per 512.
   else:

@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
   if arg == "tiny":
     c.model.update(variant="Mu/4", drop_path_rate=0.0, decoder_width=64, decoder_heads=4)
     c.dataset.update(name="mae_jax_digits", shuffle_buffer=2000)
-    c.update(image_size=32, batch_size=128, num_epochs=20.0, warmup_epochs=2.0,
+    c.update(image_size=32, batch_size=128, num_epochs=10.0, warmup_epochs=1.0,
              checkpoint_every_steps=100, log_every_steps=20)
     c.optimizer.base_lr = 2e-3  # high for a short demo.
   else:

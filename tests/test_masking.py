@@ -75,8 +75,7 @@ def _beit_reference(rng, grid_h, grid_w, num_masked, min_num_patches=16, min_asp
   return mask
 
 
-@pytest.mark.parametrize("grid,num_masked", [((14, 14), 75), ((8, 8), 48), ((7, 7), 30),
-                                             ((4, 4), 10), ((3, 5), 1)])
+@pytest.mark.parametrize("grid,num_masked", [((14, 14), 75), ((7, 7), 30), ((3, 5), 1)])
 def test_block_mask_exact_count_and_partition(grid, num_masked):
   b = 16
   length = grid[0] * grid[1]
@@ -113,8 +112,8 @@ def test_block_mask_is_blocky_not_uniform():
     m = mask.reshape(-1, *grid)
     return ((m[:, 1:] == m[:, :-1]).mean() + (m[:, :, 1:] == m[:, :, :-1]).mean()) / 2
   k = jax.random.PRNGKey(3)
-  block = np.asarray(masking.block_mask(k, 64, 14, 14, 75).mask)
-  uniform = np.asarray(masking.random_mask(k, 64, 196, 121).mask)
+  block = np.asarray(masking.block_mask(k, 16, 14, 14, 75).mask)  # compiled above: same shapes
+  uniform = np.asarray(masking.random_mask(k, 16, 196, 121).mask)
   assert neighbour_agreement(block, (14, 14)) > 0.75 > 0.6 > neighbour_agreement(uniform,
                                                                                   (14, 14))
 

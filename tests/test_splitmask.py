@@ -72,8 +72,8 @@ def test_params_tree_and_encoder_is_a_plain_vit():
 
 
 def _updater(devices):
-  """(init, jitted train step, batch sharding) of mae_jax.train on a mesh over `devices`:
-  tiny_config() with a 32-wide decoder, global batch 16, AdamW with warmup + cosine over 30 steps."""
+  """(method, init, jitted train step, batch sharding) of mae_jax.train on a mesh over `devices`:
+  tiny_config() with a 32-wide decoder, global batch 16, AdamW, warmup + cosine over 30 steps."""
   c = tiny_config(batch_size=16, warmup_epochs=0.0)
   c.model.decoder_width = 32
   mesh = train.make_mesh(devices)

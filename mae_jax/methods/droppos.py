@@ -72,7 +72,10 @@ def attentive_weights(tokens: jax.Array, ids_keep: jax.Array, tau: float) -> jax
 
 
 def position_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-  """sum_i w_i * CE(target_i, softmax(logits_i)) / sum_i w_i; logits, targets [B, M, N], w [B, M]."""
+  """sum_i w_i * CE(target_i, softmax(logits_i)) / sum_i w_i.
+
+  logits, targets [B, M, N]; weights [B, M] (0 where the position was kept).
+  """
   ce = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
   return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
 
