@@ -17,7 +17,7 @@ The paper's use: pretrain on the target dataset only, e.g. a folder of images (o
 class, or flat):
   python -m mae_jax.main --config=configs/splitmask.py:vit_b16 --workdir=DIR \
       --config.dataset.name=folder --config.dataset.folder=/data/stanford_cars \
-      --config.batch_size=512 --config.num_epochs=3000
+      --config.batch_size=512 --config.num_epochs=EPOCHS  # a small set: many epochs
 Targets are pixels (MAE's normalized-pixel loss), not BEiT visual tokens (not downloadable here).
 """
 
