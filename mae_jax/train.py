@@ -184,6 +184,7 @@ def build_update(config, mesh: Mesh, plan: Plan, method=None) -> Update:
   `method` defaults to `get_method(config)`.
   """
   method = method or get_method(config)
+  method.total_steps = plan.total_steps  # for schedules inside a loss (DropPos's sigma).
   schedule = optim.warmup_cosine(plan.peak_lr, plan.total_steps, plan.warmup_steps,
                                  config.optimizer.min_lr)
   replicated = NamedSharding(mesh, P())
