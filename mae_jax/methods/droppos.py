@@ -25,7 +25,7 @@ import numpy as np
 from mae_jax import masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
-from mae_jax.methods.mae import check_model_config
+from mae_jax.methods.mae import check_model_config, vit_features
 from mae_jax.models.vit import Block, ViT, dense_init, token_init
 
 
@@ -170,11 +170,7 @@ class Method(base.Method):
 
   def features(self, params, images, pool=None):
     """cls token (default, as MAE's linear probe) or 'avg': mean of the patch tokens."""
-    pool = pool or "cls"
-    if pool not in ("cls", "avg"):
-      raise UserError(f"DropPos features pool must be 'cls' or 'avg', got {pool!r}")
-    tokens = self.model.encoder.apply({"params": params[self.encoder_key]}, images)  # [B, 1+N, D]
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+    return vit_features(self, params, images, pool, "cls", "DropPos")
 
   def loss(self, params, batch, rng, train=True, step=None):
     images = batch["image"]

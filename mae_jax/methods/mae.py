@@ -51,6 +51,16 @@ def pixel_targets(images: jax.Array, patch_size: int, norm_pix: bool) -> jax.Arr
   return target
 
 
+def vit_features(method, params, images, pool, default: str, name: str) -> jax.Array:
+  """[B, D] from `method`'s ViT encoder on all patches: the cls token ('cls') or the mean of the
+  patch tokens ('avg'); `pool` None takes `default`; `name` names the method in the error."""
+  pool = pool or default
+  if pool not in ("cls", "avg"):
+    raise UserError(f"{name} features pool must be 'cls' or 'avg', got {pool!r}")
+  tokens = method.model.encoder.apply({"params": params[method.encoder_key]}, images)  # [B, 1+N, D]
+  return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+
+
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean over pixels per patch, then mean over masked patches: sum(l * m) / sum(m)."""
   per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)  # [B, L]
@@ -126,11 +136,7 @@ class Method(base.Method):
 
   def features(self, params, images, pool=None):
     """cls token (default, the official linear probe's) or 'avg': mean of the patch tokens."""
-    pool = pool or "cls"
-    if pool not in ("cls", "avg"):
-      raise UserError(f"MAE features pool must be 'cls' or 'avg', got {pool!r}")
-    tokens = self.model.encoder.apply({"params": params[self.encoder_key]}, images)  # [B, 1+N, D]
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+    return vit_features(self, params, images, pool, "cls", "MAE")
 
   def loss(self, params, batch, rng, train=True):
     images = batch["image"]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from mae_jax import masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
-from mae_jax.methods.mae import patchify
+from mae_jax.methods.mae import patchify, vit_features
 from mae_jax.models.vit import ViT, dense_init, parse_variant
 
 # timm's trunc_normal_(std=.02) (the official mask token init) cuts at +-2 absolute, i.e. at 100
@@ -117,11 +117,7 @@ class Method(base.Method):
   def features(self, params, images, pool=None):
     """'avg' (default: the mean of the patch tokens; SimMIM's cls output is never trained, and
     its fine-tuning pools the average) or 'cls'."""
-    pool = pool or "avg"
-    if pool not in ("cls", "avg"):
-      raise UserError(f"SimMIM features pool must be 'cls' or 'avg', got {pool!r}")
-    tokens = self.model.encoder.apply({"params": params[self.encoder_key]}, images)  # [B, 1+L, D]
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+    return vit_features(self, params, images, pool, "avg", "SimMIM")
 
   def loss(self, params, batch, rng, train=True):
     images = batch["image"]  # already normalized with the dataset mean/std (ImageNet's)

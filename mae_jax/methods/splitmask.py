@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from mae_jax import masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
-from mae_jax.methods.mae import masked_mse, pixel_targets
+from mae_jax.methods.mae import masked_mse, pixel_targets, vit_features
 from mae_jax.models.decoder import MAEDecoder
 from mae_jax.models.vit import ViT, dense_init, parse_variant
 
@@ -134,11 +134,7 @@ class Method(base.Method):
 
   def features(self, params, images, pool=None):
     """'avg' (default: SplitMask pools patch tokens into its descriptors) or 'cls'."""
-    pool = pool or "avg"
-    if pool not in ("cls", "avg"):
-      raise UserError(f"SplitMask features pool must be 'cls' or 'avg', got {pool!r}")
-    tokens = self.model.encoder.apply({"params": params[self.encoder_key]}, images)  # [B, 1+L, D]
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
+    return vit_features(self, params, images, pool, "avg", "SplitMask")
 
   def loss(self, params, batch, rng, train=True):
     images = batch["image"]
