@@ -123,20 +123,45 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   return step_fn
 
 
+def to_global(local_batch: dict, sharding: NamedSharding) -> dict:
+  """This process's rows -> global arrays laid out by `sharding` (the batch axis over 'data')."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
 class Prefetch:
-  """Runs an iterator in a background thread, `size` items ahead."""
+  """Runs an iterator in a background thread, `size` items ahead.
+
+  `close()` stops the thread and closes the iterator in it, so no thread is left inside the input
+  pipeline (TensorFlow) when the interpreter exits.
+  """
 
   def __init__(self, it: Iterator, size: int):
     self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
+    self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
     self._thread.start()
+
+  def _put(self, item) -> bool:
+    """Waits for room unless stopped; False once stopped."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def _run(self, it):
     try:
       for item in it:
-        self._queue.put((True, item))
+        if not self._put((True, item)):
+          break
     except BaseException as e:  # surfaced in the consumer's thread.
-      self._queue.put((False, e))
+      self._put((False, e))
+    finally:
+      close = getattr(it, "close", None)
+      if close is not None:
+        close()
 
   def __next__(self):
     ok, item = self._queue.get()
@@ -146,6 +171,10 @@ class Prefetch:
 
   def __iter__(self):
     return self
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=30)
 
 
 @dataclasses.dataclass
@@ -295,10 +324,6 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
       process_index=process_index, process_count=process_count)
   batches = Prefetch(batches, config.dataset.prefetch)
 
-  def to_global(local_batch):
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-            for k, v in local_batch.items()}
-
   # --- Loop.
   history = []
   pending = []  # device metrics since the last log; fetched together to avoid a sync per step.
@@ -307,7 +332,7 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
   steps_since_log = 0
   try:
     for step in range(start_step, plan.total_steps):
-      batch = to_global(next(batches))
+      batch = to_global(next(batches), batch_sharding)
       if compiled is None:
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, batch).compile()
@@ -366,6 +391,7 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
       print(f"nothing to do: the latest checkpoint is at step {start_step} of "
             f"{plan.total_steps}", flush=True)
   finally:
+    batches.close()
     for c in (ckpt, best_ckpt):
       if c is not None:
         c.wait()

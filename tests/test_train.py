@@ -211,3 +211,21 @@ def test_unwritable_workdir(tmp_path, digits_data_dir):
   assert r.stderr.strip().startswith("error: workdir") and "not writable" in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
   assert blocker.read_text() == "x"
+
+
+def test_prefetch_close_stops_the_thread_and_closes_the_iterator():
+  closed = []
+
+  def endless():
+    try:
+      i = 0
+      while True:
+        yield i
+        i += 1
+    finally:
+      closed.append(True)
+
+  p = train.Prefetch(endless(), 2)
+  assert [next(p) for _ in range(3)] == [0, 1, 2]
+  p.close()
+  assert not p._thread.is_alive() and closed == [True]

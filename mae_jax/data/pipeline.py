@@ -320,8 +320,10 @@ def _train_transform(d, image_size: int, base_seed: int, epoch: int):
     image = _resize(image, [image_size, image_size])
     if d.hflip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    # Seeds of the fine-tuning augmentations come from their own branch, so the pretraining
-    # stream (crop, flip) is the same with or without them.
+    if spec is None and reprob == 0:  # pretraining: nothing more to draw per example.
+      return {"image": _normalize(image, d.mean, d.std), "label": tf.cast(ex["label"], tf.int32)}
+    # Seeds of the fine-tuning augmentations come from their own branch, so the crop and flip
+    # are the same with or without them.
     ra_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(
         tf.random.experimental.stateless_fold_in(seed, 1), 2))
     if spec is not None:

@@ -42,7 +42,7 @@ import tensorflow as tf
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mae_jax import data
+from mae_jax import data, train
 from mae_jax.data.randaugment import parse_randaugment
 from mae_jax.errors import UserError
 from mae_jax.evaluate import layer_decay
@@ -99,10 +99,14 @@ def classifier_for(encoder: nn.Module, *, pool: str, num_classes: int, drop_path
   raise UserError(f"fine-tuning does not know the encoder {type(encoder).__name__}")
 
 
+def _blocks(model: nn.Module) -> tuple[str, int]:
+  """(name prefix, count) of the classifier's transformer blocks (ConvViT: stage 3's)."""
+  return ("blocks3_", model.depths[2]) if isinstance(model, ConvViT) else ("blocks_", model.depth)
+
+
 def _block_index(name: str, model: nn.Module) -> Optional[tuple[int, int]]:
   """(index, depth) of a transformer block's top-level name, None for other parameters."""
-  prefix, depth = (("blocks3_", model.depths[2]) if isinstance(model, ConvViT)
-                   else ("blocks_", model.depth))
+  prefix, depth = _blocks(model)
   if name.startswith(prefix):
     return int(name[len(prefix):]), depth
   return None
@@ -274,8 +278,7 @@ class Task(base.Method):
                                        drop_path_rate=c.drop_path_rate,
                                        head_init_std=c.head_init_std)
       self.train_blocks = c.train_blocks
-      depth = _block_index("blocks3_0" if isinstance(self.classifier, ConvViT) else "blocks_0",
-                           self.classifier)[1]
+      depth = _blocks(self.classifier)[1]
       if not -1 <= self.train_blocks <= depth:
         raise UserError(f"config.classifier.train_blocks must be -1 (all) or 0..{depth}, got "
                         f"{self.train_blocks}")
@@ -410,13 +413,13 @@ class Task(base.Method):
                       f"{n_dev} devices")
     sharding = NamedSharding(mesh, P("data"))
     if self._eval_fn is None:
-      k = min(5, self.num_classes)
+      top_k = min(5, self.num_classes)
 
       def sums(params, model_state, batch):
         logits, _ = self.logits(params, model_state, batch["image"])
         logits = logits.astype(jnp.float32)
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
-        top = jax.lax.top_k(logits, k)[1]
+        top = jax.lax.top_k(logits, top_k)[1]
         hit5 = jnp.any(top == labels[:, None], axis=-1)
         hit1 = top[:, 0] == labels
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -429,7 +432,7 @@ class Task(base.Method):
                                    image_size=cfg.image_size, global_batch_size=batch_size,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count()):
-      batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+      batch = train.to_global(local, sharding)
       total += np.asarray(self._eval_fn(state.params, state.model_state, batch), np.float64)
     n = max(total[3], 1.0)
     return {"top1": total[0] / n, "top5": total[1] / n, "eval_loss": total[2] / n}
@@ -449,8 +452,6 @@ def config_of_pretraining(config) -> ml_collections.ConfigDict:
 
 def run(config, workdir: str) -> dict:
   """`config.task` 'finetune' or 'linprobe': trains, evaluates, keeps last and best."""
-  from mae_jax import train
-
   out = train.pretrain(config, workdir, method=Task(config))
   if jax.process_index() == 0:
     evals = [h for h in out["history"] if "top1" in h]
