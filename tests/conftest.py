@@ -14,8 +14,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # With the torch extra installed: timm (torchvision -> torch._dynamo -> triton) must be imported
 # before TensorFlow; importing it after TensorFlow segfaults (seen here with torch 2.14.1, TF 2.21).
+import importlib  # noqa: E402
+
 try:
-  import timm  # noqa: F401,E402
+  importlib.import_module("timm")
 except ImportError:
   pass
 
