@@ -42,7 +42,11 @@ def verdict(results: dict) -> tuple[bool, list[str]]:
 def _config(path: str, **values):
   import importlib.util
 
+  from mae_jax.errors import UserError
+
   file, _, variant = path.partition(":")
+  if not os.path.isfile(file):
+    raise UserError(f"config file {file} not found")
   spec = importlib.util.spec_from_file_location("cfg", file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -63,6 +67,8 @@ def main(argv):
   workdir = absolute(FLAGS.workdir)
   try:
     pretrained = FLAGS.pretrained
+    if pretrained and not os.path.isfile(os.path.join(pretrained, "config.json")):
+      raise UserError(f"--pretrained={pretrained} is not a pretraining workdir (no config.json)")
     if not pretrained:
       pretrained = os.path.join(workdir, "pretrain")
       train.pretrain(_config(os.path.join(root, FLAGS.pretrain_config)), pretrained)
