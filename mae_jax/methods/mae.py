@@ -77,8 +77,9 @@ class MAE(nn.Module):
     return self.decoder(latent, ids_restore)  # [B, L, p*p*3]
 
 
-def check_model_config(config) -> tuple[ViT, tuple[int, int]]:
-  """The encoder named by config.model.variant and its patch grid; UserError if they don't fit."""
+def vit_encoder(config) -> tuple[ViT, tuple[int, int]]:
+  """The ViT named by config.model.variant (with config.model.drop_path_rate) and its patch grid
+  at config.image_size; UserError if they don't fit."""
   try:
     size = parse_variant(config.model.variant)
   except ValueError as e:
@@ -86,11 +87,17 @@ def check_model_config(config) -> tuple[ViT, tuple[int, int]]:
   if config.image_size % size.patch_size:
     raise UserError(f"config.image_size={config.image_size} is not divisible by the patch size "
                     f"{size.patch_size} of config.model.variant={config.model.variant!r}")
-  if not 0.0 < config.mask_ratio < 1.0:
-    raise UserError(f"config.mask_ratio must be in (0, 1), got {config.mask_ratio}")
   encoder = ViT.from_variant(config.model.variant, drop_path_rate=config.model.drop_path_rate)
   g = config.image_size // size.patch_size
   return encoder, (g, g)
+
+
+def check_model_config(config) -> tuple[ViT, tuple[int, int]]:
+  """`vit_encoder(config)`, and config.mask_ratio checked; UserError if anything doesn't fit."""
+  encoder, grid = vit_encoder(config)
+  if not 0.0 < config.mask_ratio < 1.0:
+    raise UserError(f"config.mask_ratio must be in (0, 1), got {config.mask_ratio}")
+  return encoder, grid
 
 
 class Method(base.Method):

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from mae_jax import masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
-from mae_jax.methods.mae import masked_mse, pixel_targets, vit_features
+from mae_jax.methods.mae import masked_mse, pixel_targets, vit_encoder, vit_features
 from mae_jax.models.decoder import MAEDecoder
-from mae_jax.models.vit import ViT, dense_init, parse_variant
+from mae_jax.models.vit import ViT, dense_init
 
 
 class Split(NamedTuple):
@@ -95,17 +95,8 @@ class Method(base.Method):
 
   def __init__(self, config):
     super().__init__(config)
-    try:
-      size = parse_variant(config.model.variant)
-    except ValueError as e:
-      raise UserError(f"config.model.variant: {e}") from None
-    if config.image_size % size.patch_size:
-      raise UserError(f"config.image_size={config.image_size} is not divisible by the patch size "
-                      f"{size.patch_size} of config.model.variant={config.model.variant!r}")
-    encoder = ViT.from_variant(config.model.variant, drop_path_rate=config.model.drop_path_rate)
-    g = config.image_size // size.patch_size
-    self.grid = (g, g)
-    self.patch_size = size.patch_size
+    encoder, self.grid = vit_encoder(config)
+    self.patch_size = encoder.patch_size
     self.num_patches = self.grid[0] * self.grid[1]
     if self.num_patches < 2:
       raise UserError(f"SplitMask needs at least 2 patches; config.image_size="
