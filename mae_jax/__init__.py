@@ -1,3 +1,12 @@
 """mae_jax: masked image modeling in JAX/Flax."""
 
+import os as _os
+
+# TensorFlow is only the input pipeline. Set before any submodule can import it: keep its C++
+# logging quiet (a CLI error stays one line on stderr), and leave oneDNN's custom CPU kernels off,
+# so the pipeline's float results do not depend on the CPU's instruction set (TensorFlow turns
+# them on, and announces it on stderr, only on some CPUs). A value set by the user wins.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 __version__ = "0.1.0"

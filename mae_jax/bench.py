@@ -17,16 +17,13 @@ one JSON line with the figures.
 from __future__ import annotations
 
 import json
-import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mae_jax.cli import config_value, fail, parse_flags  # noqa: E402
-from mae_jax.errors import UserError  # noqa: E402
+from mae_jax.cli import config_value, fail, parse_flags
+from mae_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_s16",
                                           lock_config=True)

@@ -12,17 +12,13 @@ nothing in an existing workdir is touched before the config, data and workdir ar
 
 from __future__ import annotations
 
-import os
 import sys
 
-# TensorFlow is only the input pipeline: keep its C++ logging quiet and off the accelerators.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mae_jax.cli import config_value, fail, parse_flags  # noqa: E402
-from mae_jax.errors import UserError  # noqa: E402
+from mae_jax.cli import config_value, fail, parse_flags
+from mae_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_b16",
                                           lock_config=True)

@@ -17,6 +17,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                    f"mae_jax_test_jax_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 # With the torch extra installed: timm (torchvision -> torch._dynamo -> triton) must be imported
 # before TensorFlow; importing it after TensorFlow segfaults (seen here with torch 2.14.1, TF 2.21).

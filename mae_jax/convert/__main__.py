@@ -13,13 +13,10 @@ mae_jax.main). Existing output files and non-empty workdirs are kept unless --fo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from mae_jax.cli import fail  # noqa: E402
-from mae_jax.errors import UserError  # noqa: E402
+from mae_jax.cli import fail
+from mae_jax.errors import UserError
 
 
 PROG = "python -m mae_jax.convert"

@@ -26,12 +26,10 @@ import math
 import os
 from typing import Callable, Iterator, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
-
-from mae_jax.data.randaugment import parse_randaugment, randaugment, random_erasing  # noqa: E402
-from mae_jax.errors import UserError, first_line  # noqa: E402
+from mae_jax.data.randaugment import parse_randaugment, randaugment, random_erasing
+from mae_jax.errors import UserError, first_line
 
 try:  # The input pipeline runs on the host CPU; leave accelerators to JAX.
   tf.config.set_visible_devices([], "GPU")
