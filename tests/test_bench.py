@@ -33,6 +33,8 @@ def test_compile_only_and_markdown_rows_name_the_compute_options():
   c.compute.remat = True
   r = bench.run_bench(c, steps=1, warmup=0, matmul_size=64, compile_only=True)
   assert "step_s" not in r and r["compile_s"] > 0 and r["xla_memory_bytes"] > 0
+  assert 0 < r["trace_s"] < r["compile_s"] and 0 < r["xla_compile_s"] < r["compile_s"]
+  assert abs(r["trace_s"] + r["xla_compile_s"] - r["compile_s"]) < 1e-6
   assert r["compute"] == "float32 remat scan"
   row = bench.markdown_row(r)
   assert row.startswith("| mae Mu/4 | float32 remat scan | 8 |") and row.count("|") == 11
