@@ -3,7 +3,7 @@
 # setup.cfg changes), then runs the job.
 #
 #   bash launch/local.sh train [--config=configs/mae.py] [--workdir=workdirs/mae_tiny] [--config.KEY=VALUE ...]
-#   bash launch/local.sh test  [pytest args ...]
+#   bash launch/local.sh test  [pytest args ...]   # MAE_JAX_TEST_WORKERS=0: no pytest workers
 #   bash launch/local.sh bench --config=configs/mae.py:vit_s16 [--batch_size=N]
 #   bash launch/local.sh python ARGS...      # the venv's python, e.g. -m mae_jax.main ...
 #
@@ -56,8 +56,11 @@ case "$cmd" in
   test)
     EXTRAS="${MAE_JAX_EXTRAS:-dev,torch}"  # tests/test_convert.py checks exports against torch + timm.
     setup
+    # Two pytest workers (MAE_JAX_TEST_WORKERS; 0 runs in this process), each test file on one
+    # worker so its module fixtures are built once. Most of the suite is XLA compiling small
+    # programs, which uses one core, so two workers on 2 cores take about 0.6-0.8 of the time.
     # pytest exits 5 when it collects nothing: that is a broken checkout, not a pass.
-    exec "$VENV/bin/python" -m pytest -q "$@"
+    exec "$VENV/bin/python" -m pytest -q -n "${MAE_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   bench)
     setup
