@@ -14,6 +14,7 @@ import pytest
 
 from mae_jax import configlib
 from mae_jax.methods import get_method
+from mae_jax.models.vit import cast_params, stack_blocks
 
 
 def _variants(name):
@@ -65,6 +66,16 @@ def test_every_pretraining_recipe_builds_and_its_loss_traces(name, variant):
   params = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
   loss, _ = jax.eval_shape(method.train_loss, params, {}, {"image": images},
                            jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
+  assert loss.shape == () and loss.dtype == jnp.float32
+  # The same recipe with the memory and speed options on (scan over stacked blocks, remat,
+  # bfloat16): the loss still traces, and stays a float32 scalar.
+  with config.unlocked():
+    config.compute.update(scan=True, remat=True, dtype="bfloat16")
+  method = get_method(config)
+  stacked = jax.eval_shape(stack_blocks, params)
+  loss, _ = jax.eval_shape(lambda p, *args: method.train_loss(cast_params(p, "bfloat16"), *args),
+                           stacked, {}, {"image": images}, jax.random.PRNGKey(1),
+                           jnp.zeros((), jnp.int32))
   assert loss.shape == () and loss.dtype == jnp.float32
 
 
