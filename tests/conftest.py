@@ -16,8 +16,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                    f"mae_jax_test_jax_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 # With the torch extra installed: timm (torchvision -> torch._dynamo -> triton) must be imported
 # before TensorFlow; importing it after TensorFlow segfaults (seen here with torch 2.14.1, TF 2.21).
@@ -33,6 +31,10 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+# Sets TensorFlow's environment (quiet logging, oneDNN off) before any test module imports
+# TensorFlow; the CLI subprocesses the tests start inherit it.
+importlib.import_module("mae_jax")
 
 
 @pytest.fixture(scope="session")

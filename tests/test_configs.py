@@ -9,7 +9,6 @@ import importlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mae_jax import configlib
@@ -28,14 +27,20 @@ CASES = [case for name in ("mae", "simmim", "splitmask", "droppos", "convmae")
 
 # MAE's official models (models_mae.py) at these sizes: timm's ViT encoder (patch and token
 # embedding, blocks, final norm; no head), a Linear into the decoder width, a mask token, timm
-# Blocks of the decoder width, a LayerNorm and a Linear to pixels.
-MAE_SIZES = {"vit_b16": ("vit_base_patch16_224", 512, 8, 16),
-             "vit_l16": ("vit_large_patch16_224", 512, 8, 16),
-             "vit_h14": ("vit_huge_patch14_224", 512, 8, 16)}
+# Blocks of the decoder width, a LayerNorm and a Linear to pixels. The decoder is the same for all
+# three: 512 wide, 8 blocks, 16 heads.
+MAE_TIMM_ENCODERS = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
+                     "vit_h14": "vit_huge_patch14_224"}
+OFFICIAL_DECODER = (512, 8, 16)
 
 
-def _count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+def _abstract_params(config, batch: int):
+  """The method of `config` and its parameter shapes at the config's image size (nothing is
+  allocated), with the abstract images they were made from."""
+  method = get_method(config)
+  size = config.image_size
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  return method, jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images), images
 
 
 def _official_mae_count(variant) -> int:
@@ -45,9 +50,9 @@ def _official_mae_count(variant) -> int:
   timm = pytest.importorskip("timm")
   from timm.models.vision_transformer import Block
 
-  name, width, depth, heads = MAE_SIZES[variant]
+  width, depth, heads = OFFICIAL_DECODER
   with torch.device("meta"):
-    encoder = timm.create_model(name, num_classes=0)
+    encoder = timm.create_model(MAE_TIMM_ENCODERS[variant], num_classes=0)
     d, p = encoder.embed_dim, encoder.patch_embed.patch_size[0]
     decoder = torch.nn.ModuleList(
         [torch.nn.Linear(d, width)] + [Block(width, heads, 4.0, qkv_bias=True) for _ in range(depth)]
@@ -60,10 +65,7 @@ def _official_mae_count(variant) -> int:
 def test_every_pretraining_recipe_builds_and_its_loss_traces(name, variant):
   config = importlib.import_module(f"configs.{name}").get_config(variant)
   configlib.validate_common(config, 1)
-  method = get_method(config)
-  size = config.image_size
-  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-  params = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
+  method, params, images = _abstract_params(config, 2)
   loss, _ = jax.eval_shape(method.train_loss, params, {}, {"image": images},
                            jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
   assert loss.shape == () and loss.dtype == jnp.float32
@@ -79,11 +81,7 @@ def test_every_pretraining_recipe_builds_and_its_loss_traces(name, variant):
   assert loss.shape == () and loss.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("variant", sorted(MAE_SIZES))
+@pytest.mark.parametrize("variant", sorted(MAE_TIMM_ENCODERS))
 def test_mae_recipes_have_the_official_parameter_count(variant):
-  config = importlib.import_module("configs.mae").get_config(variant)
-  method = get_method(config)
-  size = config.image_size
-  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  params = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
-  assert _count(params) == _official_mae_count(variant)
+  _, params, _ = _abstract_params(importlib.import_module("configs.mae").get_config(variant), 1)
+  assert sum(x.size for x in jax.tree.leaves(params)) == _official_mae_count(variant)
