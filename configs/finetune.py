@@ -6,7 +6,7 @@ The model is the encoder of PRETRAIN_WORKDIR (any pretraining method of ours: it
 which), initialized from its latest checkpoint (--config.init_step=N for another), with a new head.
 Partial fine-tuning: --config.classifier.train_blocks=K trains only the last K blocks (plus the
 final norm and the head). --config.random_init=True trains the same model from scratch.
-Evaluates top-1 / top-5 on dataset.eval_split every epoch; the newest checkpoints are in
+Evaluates top-1 / top-5 on dataset.eval_split every epoch (config.evals.classification); the newest checkpoints are in
 DIR/checkpoints, the best by top-1 in DIR/best, the summary in DIR/finetune.json.
 
 Variants:
@@ -41,14 +41,15 @@ def get_config(arg: str | None = None):
   c.init_step = 0  # 0 = its latest checkpoint.
   c.random_init = False  # True: the same model without pretrained weights (the baseline).
   c.image_size = 224  # 0 = the pretraining run's.
-  c.eval_every_steps = 0  # 0 = every epoch (and always at the end).
+  # Top-1 / top-5 on dataset.eval_split every epoch and at the end; the best keeps DIR/best.
+  c.evals = configlib.classification_evals(batch_size=256)
+  c.best_metric = "classification/top1"
 
   c.classifier = dict(
       pool="avg",  # 'avg' (mean of patch tokens + fc_norm) or 'cls' (norm, then the cls token).
       drop_path_rate=0.1,
       head_init_std=2e-5,
       train_blocks=-1,  # -1 = all; K = partial fine-tuning of the last K blocks.
-      eval_batch_size=256,
   )
   c.mixup = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
   # timm's create_transform for training: RandomResizedCrop(scale=(0.08, 1)), flip, RandAugment,
@@ -82,7 +83,7 @@ def get_config(arg: str | None = None):
     c.warmup_epochs = 1.0
     c.optimizer.base_lr = 2e-3
     c.optimizer.layer_decay = 0.75
-    c.classifier.eval_batch_size = 128
+    c.evals.classification.batch_size = 128
     c.checkpoint_every_steps = 100
     c.log_every_steps = 20
   else:

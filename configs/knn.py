@@ -20,6 +20,8 @@ def get_config(arg: str | None = None):
   c = configlib.lock(configlib.base_config())
   c.unlock()
   c.task = "knn"
+  c.evals = {}  # the task is one evaluation; nothing runs during training.
+  c.knn = dict(k=20, temperature=0.07, pool="")  # pool '' = the method's default.
   c.init_from = ""
   c.init_step = 0  # 0 = latest.
   c.random_init = False

@@ -28,8 +28,9 @@ def get_config(arg: str | None = None):
   c.init_step = 0
   c.random_init = False
   c.image_size = 224  # 0 = the pretraining run's.
-  c.eval_every_steps = 0  # 0 = every epoch.
-  c.classifier = dict(pool="", head_init_std=0.01, eval_batch_size=256)  # pool '' = the method's.
+  c.classifier = dict(pool="", head_init_std=0.01)  # pool '' = the method's.
+  c.evals = configlib.classification_evals(batch_size=256)  # every epoch and at the end.
+  c.best_metric = "classification/top1"
   # RandomResizedCrop (torchvision's default scale (0.08, 1)) + flip, as the official probe.
   c.dataset.crop_min_scale = 0.08
 
@@ -60,7 +61,7 @@ def get_config(arg: str | None = None):
     c.optimizer.base_lr = 16.0
     c.num_epochs = 30.0
     c.warmup_epochs = 3.0
-    c.eval_every_steps = 50
+    c.evals.classification.every_steps = 50
     c.checkpoint_every_steps = 100
     c.log_every_steps = 25
   else:

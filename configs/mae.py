@@ -13,7 +13,8 @@ ViT-B/16 on ImageNet (TPU VM or GPU box; tfds imagenet2012 prepared in DATA_DIR)
   python -m mae_jax.main --config=configs/mae.py:vit_b16 --workdir=gs://BUCKET/mae_b16 \
       --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
 Paper (not ours): fine-tuned top-1 83.6 (B/16), 85.9 (L/16), 86.9 (H/14); linear probe 68.0 / 75.8 / 76.6.
-Any key can be overridden, e.g. --config.mask_ratio=0.6 --config.num_epochs=1600.
+Keys are overridden with --config.KEY=VALUE, e.g. --config.mask_ratio=0.6 --config.num_epochs=1600;
+k-NN during pretraining: --config.evals.knn.every_steps=5000.
 """
 
 from mae_jax import configlib
@@ -55,7 +56,7 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 20
     # Held-out loss on the 300 validation digits (2 batches) and 8 reconstructions in TensorBoard
     # every 100 steps and at the end: a few seconds of a run of minutes.
-    c.monitor.every_steps = 100
+    c.evals.heldout.every_steps = 100
   else:
     c.model.variant = VARIANTS[arg]
     c.dataset.name = "imagenet2012"

@@ -94,11 +94,12 @@ def unrolled_flops(config, mesh, plan, batch) -> float:
   import jax
 
   from mae_jax import train
+  from mae_jax.methods import get_method
 
   unrolled = config.copy_and_resolve_references()
   with unrolled.unlocked():
     unrolled.compute.scan = False
-  update = train.build_update(unrolled, mesh, plan)
+  update = train.build_update(unrolled, mesh, plan, get_method(unrolled, plan.total_steps))
   abstract = jax.eval_shape(update.init_state, jax.random.PRNGKey(0))
   return cost_flops(update.step.lower(abstract, batch))
 
@@ -118,12 +119,13 @@ def run_bench(config, steps: int, warmup: int, matmul_size: int,
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from mae_jax import configlib, train
+  from mae_jax.methods import get_method
 
   mesh = train.make_mesh(jax.devices())
   configlib.validate_common(config, mesh.devices.size)
   plan = train.Plan(steps_per_epoch=1000, total_steps=100_000, warmup_steps=1000,
                     peak_lr=1e-4)
-  update = train.build_update(config, mesh, plan)
+  update = train.build_update(config, mesh, plan, get_method(config, plan.total_steps))
   state = jax.jit(update.init_state, out_shardings=update.shardings)(jax.random.PRNGKey(0))
   shape = (config.batch_size, config.image_size, config.image_size, 3)
   images = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float32),

@@ -1,28 +1,22 @@
 """Orbax checkpoints under WORKDIR/checkpoints: train state plus a small JSON record.
 
-Each checkpoint holds two items: `state` (params, optimizer state, step, RNG key) and `meta`
-(step, epoch position, global batch, method), so a resumed run knows where its data stream was.
-Works for local paths and gs:// alike; every process must call `save` in multi-host runs.
+Each checkpoint holds two items: `state` (the TrainState: params, optimizer state, step, RNG key
+and model_state, the non-differentiated part such as BatchNorm statistics, frozen encoders or a
+distillation teacher) and `meta` (step, epoch position, global batch, method, and evaluation
+results of a best checkpoint), so a resumed run knows where its data stream was. Works for local
+paths and gs:// alike; every process must call `save` in multi-host runs. Readers that need only
+parts of a checkpoint use `mae_jax.workdir`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 from mae_jax.errors import UserError, first_line
-
-
-def absolute(path: str) -> str:
-  """Local paths made absolute (Orbax refuses relative ones); gs:// and other URLs unchanged."""
-  return path if "://" in path else os.path.abspath(path)
-
-
-def checkpoint_dir(workdir: str, name: str = "checkpoints") -> str:
-  return os.path.join(absolute(workdir), name)
+from mae_jax.workdir import checkpoint_dir, describe_mismatch, flat_shapes
 
 
 class Checkpointer:
@@ -61,7 +55,10 @@ class Checkpointer:
       stored = self.manager.item_metadata(step)["state"]
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
       raise UserError(f"checkpoint {where} is unreadable: {first_line(e)}") from None
-    _check_shapes(abstract_state, stored, where)
+    problem = describe_mismatch(flat_shapes(abstract_state), flat_shapes(stored))
+    if problem:
+      raise UserError(f"checkpoint {where} does not match this config (a different model or "
+                      f"method?): {problem}")
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -72,12 +69,16 @@ class Checkpointer:
     return restored["state"], dict(restored["meta"])
 
   def best_metric(self, key: str) -> Optional[float]:
-    """`meta[key]` of the newest checkpoint here (the best one so far in WORKDIR/best)."""
+    """`meta[key]` of the newest checkpoint here (the best one so far in WORKDIR/best).
+
+    Best checkpoints written before evaluators had names store 'top1' for
+    'classification/top1': the last part of `key` is looked up when the whole is absent."""
     step = self.latest_step()
     if step is None:
       return None
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    value = dict(meta["meta"]).get(key)
+    meta = dict(meta["meta"])
+    value = meta.get(key, meta.get(key.rsplit("/", 1)[-1]))
     return None if value is None else float(value)
 
   def reached_preemption(self, step: int) -> bool:
@@ -88,28 +89,3 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
-
-
-def _names(path) -> str:
-  """'opt_state.0.mu.encoder.cls_token': the dotted name Orbax stores an array under."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return ".".join(parts)
-
-
-def _check_shapes(expected: Any, stored: Any, where: str) -> None:
-  exp = {_names(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  have = {_names(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
-  missing = sorted(set(exp) - set(have))
-  extra = sorted(set(have) - set(exp))
-  diffs = [f"{k}: {have[k]} vs {s}" for k, s in exp.items() if k in have and have[k] != s]
-  if missing or extra or diffs:
-    detail = "; ".join(diffs[:3] + [f"missing {k}" for k in missing[:2]] +
-                       [f"unexpected {k}" for k in extra[:2]])
-    raise UserError(f"checkpoint {where} does not match this config (a different model or "
-                    f"method?): {len(diffs)} shapes differ, {len(missing)} arrays missing, "
-                    f"{len(extra)} unexpected; e.g. {detail}")

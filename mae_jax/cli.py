@@ -25,8 +25,19 @@ def _unknown_key(e: KeyError) -> None:
   fail(f"unknown config key {key} (keys are locked; see the config file)")
 
 
+def _moved_keys(argv: list[str]) -> None:
+  """--config.KEY overrides of keys that moved (configlib.MOVED_KEYS) fail naming the new key."""
+  from mae_jax.configlib import moved_key_message
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      message = moved_key_message(arg[len("--config."):].split("=", 1)[0])
+      if message:
+        fail(message)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one-line errors (unknown keys, bad values, unknown variants)."""
+  _moved_keys(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

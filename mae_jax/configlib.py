@@ -74,10 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Logging: progress line + TensorBoard + WORKDIR/metrics.jsonl.
   c.log_every_steps = 50
 
-  # k-NN monitor during pretraining (cosine, temperature-weighted vote over the train split's
-  # features, scored on dataset.eval_split). 0 = off; it also runs at the last step when on.
-  c.knn = knn_config()
-  c.monitor = monitor_config()
+  # Evaluators run during training (mae_jax.evaluators): config.evals.<name> = dict(type=...,
+  # every_steps=...); results logged as '<name>/<metric>'. Pretraining configs carry a k-NN
+  # and a held-out-loss evaluator, off until every_steps > 0.
+  c.evals = pretraining_evals()
+  # '<eval>/<metric>' whose highest value keeps WORKDIR/best ('' = no best checkpoint).
+  c.best_metric = ""
   c.compute = compute_config()
   return c
 
@@ -87,12 +89,14 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def compute_config() -> ml_collections.ConfigDict:
-  """Memory and speed options; none changes the parameters' layout or the checkpoints.
+  """Memory and speed options; none changes the result beyond float rounding.
 
   dtype   activations and matmuls in this dtype; parameters, optimizer state and the loss stay
           float32 (a bfloat16 copy of the parameters is made inside the step).
   remat   recompute each transformer block's activations in the backward pass (less memory).
-  scan    run the transformer blocks as one lax.scan: compile time flat in depth.
+  scan    run the transformer blocks as one lax.scan: compile time flat in depth. The training
+          state then holds the blocks stacked (one 'blocks' subtree with a leading depth axis);
+          readers of checkpoints (mae_jax.workdir) give back the per-block layout.
   fsdp    shard parameters and optimizer state over the data axis (each array on its largest
           axis divisible by the device count; arrays under 2**16 elements stay replicated).
   """
@@ -104,30 +108,60 @@ def compute_config() -> ml_collections.ConfigDict:
   return m
 
 
-def monitor_config() -> ml_collections.ConfigDict:
-  """Held-out MIM loss and reconstruction images during pretraining (mae_jax.analyze.monitor).
+def pretraining_evals(knn_every: int = 0, heldout_every: int = 0) -> ml_collections.ConfigDict:
+  """config.evals of a pretraining run.
 
-  Every `every_steps` (and at the last step of a run at least that long), the method's loss
-  without training noise on the first `heldout_batches` batches (config.batch_size each, eval
-  transform) of dataset.eval_split with the same masks every time, logged as heldout_loss beside
-  loss; and `num_images` validation images with their reconstructions to TensorBoard (methods
-  that predict pixels).
+  knn      k-NN top-1 (cosine, temperature-weighted vote over the train split's features,
+           scored on dataset.eval_split); pool '' = the method's default; batch_size 0 =
+           config.batch_size.
+  heldout  the method's loss without training noise on the first `batches` batches (0 = every
+           full batch) of dataset.eval_split with the same masks every time, and `num_images`
+           validation images with their reconstructions in TensorBoard (methods that predict
+           pixels).
   """
-  m = ml_collections.ConfigDict()
-  m.every_steps = 0  # 0 = off.
-  m.heldout_batches = 0  # 0 = every full batch of the split.
-  m.num_images = 8
-  return m
+  return ml_collections.ConfigDict({
+      "knn": dict(type="knn", every_steps=knn_every, k=20, temperature=0.07, pool="",
+                  batch_size=0),
+      "heldout": dict(type="heldout", every_steps=heldout_every, batches=0, num_images=8),
+  })
 
 
-def knn_config() -> ml_collections.ConfigDict:
-  k = ml_collections.ConfigDict()
-  k.every_steps = 0
-  k.k = 20
-  k.temperature = 0.07
-  k.pool = ""  # '' = the method's default ('cls' for MAE, 'avg' for ConvMAE).
-  k.batch_size = 0  # 0 = config.batch_size.
-  return k
+def classification_evals(batch_size: int = 256) -> ml_collections.ConfigDict:
+  """config.evals of fine-tuning and linear probing: top-1 / top-5 on dataset.eval_split every
+  epoch and at the end (set every_steps to evaluate every N steps instead)."""
+  return ml_collections.ConfigDict({
+      "classification": dict(type="classification", every_steps=0, every_epochs=1.0,
+                             batch_size=batch_size)})
+
+
+# Keys that moved to config.evals: old name -> where it is now.
+MOVED_KEYS = {
+    "knn.every_steps": "config.evals.knn.every_steps (with k, temperature, pool, batch_size)",
+    "monitor": "config.evals.heldout (every_steps, batches, num_images)",
+    "eval_every_steps": "config.evals.classification.every_steps (or every_epochs)",
+    "classifier.eval_batch_size": "config.evals.classification.batch_size",
+}
+
+
+def moved_key_message(key: str) -> str | None:
+  """The one-line error for a key of MOVED_KEYS (or below one), None for other keys."""
+  for old, new in MOVED_KEYS.items():
+    if key == old or key.startswith(old + "."):
+      return f"config.{key} has moved to {new}"
+  return None
+
+
+def check_legacy_keys(c: ml_collections.ConfigDict) -> None:
+  """UserError naming the new key when a config (e.g. a user's own file) still sets one that
+  moved to config.evals."""
+  for old in MOVED_KEYS:
+    node, parts = c, old.split(".")
+    for part in parts:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        break
+      node = node[part]
+    else:
+      raise UserError(moved_key_message(old))
 
 
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -170,15 +204,6 @@ def validate_common(c: ml_collections.ConfigDict, num_devices: int | None = None
   _check(c.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be positive")
   _check(c.keep_checkpoints > 0, "config.keep_checkpoints must be positive")
   _check(c.log_every_steps > 0, "config.log_every_steps must be positive")
-  _check(c.knn.every_steps >= 0, "config.knn.every_steps must be >= 0 (0 = off)")
-  _check(c.knn.k >= 1 and c.knn.temperature > 0,
-         "config.knn.k must be >= 1 and config.knn.temperature > 0")
-  mon = c.get("monitor")
-  if mon is not None:
-    _check(mon.every_steps >= 0 and mon.heldout_batches >= 0 and mon.num_images >= 0,
-           "config.monitor.every_steps, heldout_batches and num_images must be >= 0")
-    _check(mon.every_steps == 0 or c.task == "pretrain",
-           f"config.monitor is for pretraining; config.task={c.task!r} has its own evaluation")
   d = c.dataset
   _check(0 < d.crop_min_scale <= 1,
          f"config.dataset.crop_min_scale must be in (0, 1], got {d.crop_min_scale}")

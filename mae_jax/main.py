@@ -5,7 +5,7 @@ r"""Command-line entry point.
 Multi-host: the same command on every host (see mae_jax.distributed for when and how the
 processes join: --distributed, --coordinator_address, --num_processes, --process_id).
 
-Dispatches on `config.task`. Problems the user can fix (bad config values, unknown keys, missing
+Dispatches on `config.task` (`mae_jax.tasks`). Problems the user can fix (bad config values, unknown keys, missing
 datasets, unwritable workdirs, mismatched checkpoints) end with one line on stderr and exit code 2;
 nothing in an existing workdir is touched before the config, data and workdir are validated.
 """
@@ -34,14 +34,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 def run(config, workdir: str) -> None:
   # Imported here so that flag errors answer fast, without loading JAX and TensorFlow.
-  from mae_jax import train
-  from mae_jax.checkpoint import absolute
-  from mae_jax.evaluate import classify, knn_task
-  tasks = {"pretrain": train.pretrain, "knn": knn_task.run_knn, "finetune": classify.run,
-           "linprobe": classify.run}
-  if config.task not in tasks:
-    raise UserError(f"unknown config.task {config.task!r}; one of {sorted(tasks)}")
-  tasks[config.task](config, absolute(workdir))
+  from mae_jax import tasks
+  tasks.run(config, workdir)
 
 
 def main(argv: list[str]) -> None:

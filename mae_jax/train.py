@@ -1,9 +1,10 @@
 """The one training loop, shared by every pretraining method and the downstream tasks.
 
-Sections, in order: validate -> mesh -> input -> model and optimizer -> jitted update step ->
-checkpoint restore (or the method's initial weights) -> loop (step, log, checkpoint, evals). The
-method (model + masking + loss) comes from `mae_jax.methods.get_method(config)`, or is passed in
-(fine-tuning and linear probing pass a `mae_jax.evaluate.classify` task); nothing below names one.
+`prepare` validates the shared keys and opens the mesh, the dataset and the step plan; the entry
+points (`mae_jax.tasks`) then build the trainable (`mae_jax.trainable`) and the evaluators
+(`mae_jax.evaluators`) and hand them to `train_and_evaluate`: update step -> checkpoint restore
+(or the trainable's initial weights) -> run record -> input -> loop (step, log, checkpoint,
+evaluators, best checkpoint). Nothing here names a method, a task or an evaluator.
 
 Sharding: one mesh axis 'data' over every device of every process. The global batch is sharded
 over it; parameters and optimizer state are replicated, or with config.compute.fsdp sharded over
@@ -33,13 +34,11 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mae_jax import configlib, data, optim
-from mae_jax.analyze.monitor import Monitor
 from mae_jax.checkpoint import Checkpointer
 from mae_jax.errors import UserError
-from mae_jax.evaluate.knn import evaluate_knn
-from mae_jax.methods import get_method
 from mae_jax.metric_writers import MetricWriter, progress_line
 from mae_jax.models.vit import cast_params, stack_blocks, unstack_blocks
+from mae_jax.trainable import Trainable
 
 
 @flax.struct.dataclass
@@ -253,34 +252,28 @@ def state_shardings(abstract_state, mesh: Mesh, fsdp: bool):
 
 @dataclasses.dataclass
 class Update:
-  """What `build_update` makes: the method, its optimizer, fresh state, the jitted step."""
-  method: Any
+  """What `build_update` makes: the optimizer, fresh state, the jitted step."""
   tx: optax.GradientTransformation
   init_state: Callable  # rng -> TrainState (fresh weights), pure: jit / eval_shape it.
   step: Callable  # jitted (state, batch) -> (state, metrics), state donated.
-  shardings: Any = None  # the TrainState's shardings (replicated unless config.compute.fsdp).
+  shardings: Any  # the TrainState's shardings (replicated unless config.compute.fsdp).
   scan: bool = False  # config.compute.scan: params hold the blocks stacked (`stack_blocks`).
   fsdp: bool = False  # config.compute.fsdp: the state is sharded (`state_shardings`).
 
-  def __iter__(self):  # (method, init_state, step), the order callers unpack.
-    return iter((self.method, self.init_state, self.step))
 
-
-def build_update(config, mesh: Mesh, plan: Plan, method=None) -> Update:
-  """The method, its optimizer (`method.optimizer(schedule, params)`), fresh state and the
+def build_update(config, mesh: Mesh, plan: Plan, trainable: Trainable) -> Update:
+  """The trainable's optimizer (`trainable.optimizer(schedule, params)`), fresh state and the
   update step, jitted over `mesh`: batch sharded on 'data', state replicated (or FSDP-sharded)
-  and donated. `method` defaults to `get_method(config)`.
+  and donated.
   """
-  method = method or get_method(config)
-  method.total_steps = plan.total_steps  # for schedules inside a loss (DropPos's sigma).
   schedule = optim.warmup_cosine(plan.peak_lr, plan.total_steps, plan.warmup_steps,
                                  config.optimizer.min_lr)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   image_shape = (1, config.image_size, config.image_size, 3)
-  shapes = jax.eval_shape(method.init_state, jax.random.PRNGKey(0),
+  shapes = jax.eval_shape(trainable.init_state, jax.random.PRNGKey(0),
                           jnp.zeros(image_shape, jnp.float32))
-  tx = method.optimizer(schedule, shapes[0])
+  tx = trainable.optimizer(schedule, shapes[0])
 
   compute = config.get("compute")
   scan = bool(compute and compute.scan)
@@ -288,189 +281,122 @@ def build_update(config, mesh: Mesh, plan: Plan, method=None) -> Update:
 
   def init_state(rng):
     init_rng, base_rng = jax.random.split(rng)
-    params, model_state = method.init_state(init_rng, jnp.zeros(image_shape, jnp.float32))
+    params, model_state = trainable.init_state(init_rng, jnp.zeros(image_shape, jnp.float32))
     if scan:  # the weights of the unrolled init, stacked once for the scanned blocks.
       params = stack_blocks(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=base_rng, model_state=model_state)
 
   shardings = state_shardings(jax.eval_shape(init_state, jax.random.PRNGKey(0)), mesh, fsdp)
-  step_fn = jax.jit(make_train_step(method.train_loss, tx, schedule, config.grad_accum_steps,
+  step_fn = jax.jit(make_train_step(trainable.train_loss, tx, schedule, config.grad_accum_steps,
                                     compute.dtype if compute else "float32"),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, replicated), donate_argnums=0)
-  return Update(method, tx, init_state, step_fn, shardings, scan, fsdp)
+  return Update(tx, init_state, step_fn, shardings, scan, fsdp)
 
 
-def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
-             stop_at_step: Optional[int] = None, method=None) -> dict:
-  """Trains `method` (default: `config.method`'s) in `workdir`, resuming from its latest
-  checkpoint; a fresh run starts from `method.initial_weights` (pretrained ones for downstream
-  tasks).
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run needs before its trainable is built: the mesh, the dataset and the plan."""
+  mesh: Mesh
+  source: data.Source
+  plan: Plan
 
-  `stop_at_step` ends the run early (after saving a checkpoint) as a preemption would; a
-  preemption notice seen by Orbax (multi-host) does the same. A method with an `evaluate(state,
-  mesh)` is evaluated every config.eval_every_steps (0: every epoch) and at the end; its 'top1'
-  picks the best state, kept in WORKDIR/best beside the newest ones in WORKDIR/checkpoints.
 
+def prepare(config, devices: Optional[Sequence[jax.Device]] = None) -> Setup:
+  """Validates the shared keys against the device count, opens the dataset, plans the steps;
+  nothing is written."""
+  mesh = make_mesh(devices)
+  configlib.validate_common(config, mesh.devices.size)
+  source = data.get_source(config.dataset)
+  spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size,
+                             jax.process_count())
+  return Setup(mesh, source, make_plan(config, spe))
+
+
+def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: Sequence,
+                       setup: Setup, stop_at_step: Optional[int] = None) -> dict:
+  """Trains `trainable` in `workdir`, resuming from its latest checkpoint (a fresh run starts
+  from `trainable.initial_weights`), and runs each evaluator when `due(step)`. With
+  config.best_metric ('<eval>/<metric>') the state of its highest value is kept in WORKDIR/best.
+
+  `stop_at_step` ends the run early (after saving a checkpoint) as a preemption would; SIGTERM
+  or a preemption notice seen by Orbax (multi-host) does the same.
   Returns {'state': final TrainState, 'history': [logged scalars]} (for tests and notebooks).
   """
-  # --- Validate everything before touching the workdir.
-  mesh = make_mesh(devices)
-  num_devices = mesh.devices.size
-  configlib.validate_common(config, num_devices)
-  # The method validates its keys (and a downstream task its pretrained source) before the
-  # dataset is touched.
-  method = method or get_method(config)
-  name = getattr(method, "name", None) or config.method
-  source = data.get_source(config.dataset)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size,
-                             process_count)
-  plan = make_plan(config, spe)
-  if config.knn.every_steps:
-    if source.num_classes < 2:
-      raise UserError(f"config.knn.every_steps needs a labelled dataset; {source.name} has "
-                      f"{source.num_classes} classes")
-    source.check_split(config.dataset.eval_split)
-  monitor = (Monitor(config, method, source, mesh, plan.total_steps)
-             if config.monitor.every_steps else None)
+  mesh, plan = setup.mesh, setup.plan
+  # --- Update step; nothing in the workdir is touched before it builds.
+  update = build_update(config, mesh, plan, trainable)
   check_workdir(workdir)
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-  evaluate = getattr(method, "evaluate", None)
-  eval_every = (config.get("eval_every_steps", 0) or plan.steps_per_epoch) if evaluate else 0
-
-  # --- Model, optimizer, update step.
-  update = build_update(config, mesh, plan, method)
-  init_state, step_fn = update.init_state, update.step
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  shardings = update.shardings
-  init_fn = jax.jit(init_state, out_shardings=shardings)
-
-  def gathered(state):  # evaluations take replicated weights (an all-gather under FSDP).
+  def gathered(state):  # evaluators take replicated weights (an all-gather under FSDP).
     return jax.device_put(state, replicated) if update.fsdp else state
 
-  # --- Checkpoint: resume from the latest one, or start fresh.
+  # --- Checkpoints: resume from the latest one, or start fresh.
   ckpt = Checkpointer(workdir, config.keep_checkpoints)
-  best_ckpt = Checkpointer(workdir, 1, name="best") if evaluate else None
-  best_top1 = best_ckpt.best_metric("top1") if best_ckpt else None
-  seed_key = jax.random.PRNGKey(config.seed)
-  start_step = ckpt.latest_step()
-  if start_step is not None:
-    abstract = jax.eval_shape(init_state, seed_key)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, shardings)
-    state, meta = ckpt.restore(start_step, abstract)
-    if meta.get("batch_size") != config.batch_size:
-      print(f"warning: checkpoint was written with batch_size={meta.get('batch_size')}, "
-            f"resuming with {config.batch_size}; the data stream position is recomputed")
-    print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
-  else:
-    start_step = 0
-    state = init_fn(seed_key)
-    initial = method.initial_weights(unstack_blocks(state.params), state.model_state)
-    if initial is not None:  # e.g. a pretrained encoder; the optimizer starts from these.
-      params, model_state = initial
-      if update.scan:
-        params = stack_blocks(params)
-      params, model_state = jax.device_put((params, model_state),
-                                           (shardings.params, shardings.model_state))
-      state = state.replace(params=params, model_state=model_state,
-                            opt_state=jax.jit(update.tx.init,
-                                              out_shardings=shardings.opt_state)(params))
-
-  is_writer = process_index == 0
+  best_ckpt = Checkpointer(workdir, 1, name="best") if config.best_metric else None
+  best_value = best_ckpt.best_metric(config.best_metric) if best_ckpt else None
+  state, start_step = restore_or_init(config, ckpt, update, trainable)
+  is_writer = jax.process_index() == 0
   if is_writer:
-    with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    for file_name, text in method.workdir_files().items():
-      with tf.io.gfile.GFile(os.path.join(workdir, file_name), "w") as f:
-        f.write(text)
+    write_run_record(config, workdir, trainable)
   writer = MetricWriter(workdir, enabled=is_writer)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  num_frozen = sum(x.size for x in jax.tree.leaves(state.model_state))
-  frozen = f" (+{num_frozen / 1e6:.2f}M not trained)" if num_frozen else ""
-  print(f"{name}: {num_params / 1e6:.2f}M trained parameters{frozen}, {num_devices} devices, "
-        f"{process_count} processes, {plan.steps_per_epoch} steps/epoch, "
-        f"{plan.total_steps} steps, peak lr {plan.peak_lr:.3g}", flush=True)
+  print(summary_line(trainable, state, mesh, plan), flush=True)
 
   # --- Input: the data stream continues where the checkpoint left it.
-  batches = data.train_batches(
-      source, config.dataset, split=config.dataset.train_split, image_size=config.image_size,
-      global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
-      process_index=process_index, process_count=process_count)
-  batches = Prefetch(batches, config.dataset.prefetch)
+  batches = Prefetch(data.train_batches(
+      setup.source, config.dataset, split=config.dataset.train_split,
+      image_size=config.image_size, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count()), config.dataset.prefetch)
 
   # --- Loop.
-  history = []
-  pending = []  # device metrics since the last log; fetched together to avoid a sync per step.
+  history, log = [], StepLog(config, plan)
   compiled = None
-  t_log = time.perf_counter()
-  steps_since_log = 0
   stop_signal = StopSignal().__enter__()
   try:
     for step in range(start_step, plan.total_steps):
       batch = to_global(next(batches), batch_sharding)
       if compiled is None:
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
+        compiled = update.step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         print(f"compiled train step in {compile_s:.1f}s", flush=True)
-        if is_writer:
-          writer.write(step, {"compile_s": compile_s})
-        t_log = time.perf_counter()
+        writer.write(step, {"compile_s": compile_s})
+        log.restart_clock()
       state, metrics = compiled(state, batch)
-      pending.append(metrics)
-      steps_since_log += 1
+      log.add(metrics)
       done = step + 1
       preempted = ckpt.reached_preemption(done) or stop_signal.received is not None
       stop = preempted or (stop_at_step is not None and done >= stop_at_step)
       if done % config.log_every_steps == 0 or done == plan.total_steps or stop:
-        fetched = jax.device_get(pending)
-        scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        scalars["lr"] = float(fetched[-1]["lr"])
-        elapsed = time.perf_counter() - t_log
-        scalars["img_per_s"] = steps_since_log * config.batch_size / max(elapsed, 1e-9)
-        scalars["epoch"] = done / plan.steps_per_epoch
-        eta = (plan.total_steps - done) * elapsed / steps_since_log
-        if not np.isfinite(scalars["loss"]):
-          raise FloatingPointError(f"loss is {scalars['loss']} at step {done}")
-        print(progress_line(done, plan.total_steps, scalars, eta), flush=True)
+        scalars = log.flush(done)
         writer.write(done, scalars)
         history.append({"step": done, **scalars})
-        pending, steps_since_log, t_log = [], 0, time.perf_counter()
       if done % config.checkpoint_every_steps == 0 or done == plan.total_steps or stop:
         ckpt.save(done, state, _meta(config, done, plan))
-      if eval_every and (done % eval_every == 0 or done == plan.total_steps):
+      for evaluator in evaluators:
+        if not evaluator.due(done):
+          continue
         t0 = time.perf_counter()
-        results = evaluate(gathered(state), mesh)
-        print(f"step {done} | eval " + " ".join(f"{k} {v:.4f}" for k, v in results.items()) +
+        results = evaluator.run(gathered(state))
+        scalars = {f"{evaluator.name}/{k}": float(v) for k, v in results.items()
+                   if np.ndim(v) == 0}
+        print(f"step {done} | {evaluator.name} " +
+              " ".join(f"{k} {v:.4f}" for k, v in results.items() if np.ndim(v) == 0) +
               f" ({time.perf_counter() - t0:.1f}s)", flush=True)
-        writer.write(done, results)
-        history.append({"step": done, **results})
-        if "top1" in results and (best_top1 is None or results["top1"] > best_top1):
-          best_top1 = results["top1"]
-          best_ckpt.save(done, state, {**_meta(config, done, plan), **results})
-      knn_every = config.knn.every_steps
-      if knn_every and (done % knn_every == 0 or done == plan.total_steps):
-        t0 = time.perf_counter()
-        knn = evaluate_knn(config, method, gathered(state).params, source, k=config.knn.k,
-                           temperature=config.knn.temperature, pool=config.knn.pool or None,
-                           batch_size=config.knn.batch_size or None)
-        print(f"step {done} | k-NN top-1 {knn['knn_top1']:.4f} "
-              f"({time.perf_counter() - t0:.1f}s)", flush=True)
-        writer.write(done, knn)
-        history.append({"step": done, **knn})
-      if monitor and monitor.due(done):  # held-out loss and reconstructions (config.monitor)
-        heldout, images = monitor(gathered(state))
-        writer.write(done, heldout)
-        writer.write_images(done, images)
-        history.append({"step": done, **heldout})
+        writer.write(done, scalars)
+        writer.write_images(done, {f"{evaluator.name}/{k}": v for k, v in results.items()
+                                   if np.ndim(v) == 3})
+        history.append({"step": done, **scalars})
+        value = scalars.get(config.best_metric)
+        if value is not None and (best_value is None or value > best_value):
+          best_value = value
+          best_ckpt.save(done, state, {**_meta(config, done, plan), **scalars})
       if stop:
         why = f" ({stop_signal.received or 'preemption notice'})" if preempted else ""
-        print(f"stopping at step {done}{why}; "
-              "re-run the same command to resume", flush=True)
+        print(f"stopping at step {done}{why}; re-run the same command to resume", flush=True)
         break
     if start_step >= plan.total_steps:
       print(f"nothing to do: the latest checkpoint is at step {start_step} of "
@@ -484,6 +410,87 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
         c.close()
     writer.close()
   return {"state": state, "history": history}
+
+
+def restore_or_init(config, ckpt: Checkpointer, update: Update, trainable: Trainable):
+  """(state, start step): the latest checkpoint's, or fresh weights (the trainable's initial
+  weights where it has them, e.g. a pretrained encoder) at step 0."""
+  seed_key = jax.random.PRNGKey(config.seed)
+  shardings = update.shardings
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    abstract = jax.eval_shape(update.init_state, seed_key)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+    state, meta = ckpt.restore(start_step, abstract)
+    if meta.get("batch_size") != config.batch_size:
+      print(f"warning: checkpoint was written with batch_size={meta.get('batch_size')}, "
+            f"resuming with {config.batch_size}; the data stream position is recomputed")
+    print(f"resumed from {ckpt.directory} at step {start_step}", flush=True)
+    return state, start_step
+  state = jax.jit(update.init_state, out_shardings=shardings)(seed_key)
+  initial = trainable.initial_weights(unstack_blocks(state.params), state.model_state)
+  if initial is not None:  # the optimizer starts from these.
+    params, model_state = initial
+    if update.scan:
+      params = stack_blocks(params)
+    params, model_state = jax.device_put((params, model_state),
+                                         (shardings.params, shardings.model_state))
+    state = state.replace(params=params, model_state=model_state,
+                          opt_state=jax.jit(update.tx.init,
+                                            out_shardings=shardings.opt_state)(params))
+  return state, 0
+
+
+def write_run_record(config, workdir: str, trainable: Trainable) -> None:
+  """WORKDIR/config.json (the resolved config: what readers rebuild the model from) and the
+  trainable's own files."""
+  files = {"config.json": config.to_json_best_effort(indent=2, sort_keys=True),
+           **trainable.workdir_files()}
+  for file_name, text in files.items():
+    with tf.io.gfile.GFile(os.path.join(workdir, file_name), "w") as f:
+      f.write(text)
+
+
+def summary_line(trainable: Trainable, state: TrainState, mesh: Mesh, plan: Plan) -> str:
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  num_frozen = sum(x.size for x in jax.tree.leaves(state.model_state))
+  frozen = f" (+{num_frozen / 1e6:.2f}M not trained)" if num_frozen else ""
+  return (f"{trainable.name}: {num_params / 1e6:.2f}M trained parameters{frozen}, "
+          f"{mesh.devices.size} devices, {jax.process_count()} processes, "
+          f"{plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
+          f"peak lr {plan.peak_lr:.3g}")
+
+
+class StepLog:
+  """Device metrics since the last log, fetched together (one host sync per log, not per
+  step), averaged, with throughput, epoch and the progress line."""
+
+  def __init__(self, config, plan: Plan):
+    self.batch_size, self.plan = config.batch_size, plan
+    self.pending: list = []
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self.t0 = time.perf_counter()
+
+  def add(self, metrics) -> None:
+    self.pending.append(metrics)
+
+  def flush(self, step: int) -> dict[str, float]:
+    fetched = jax.device_get(self.pending)
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    scalars["lr"] = float(fetched[-1]["lr"])
+    elapsed = time.perf_counter() - self.t0
+    scalars["img_per_s"] = len(fetched) * self.batch_size / max(elapsed, 1e-9)
+    scalars["epoch"] = step / self.plan.steps_per_epoch
+    if not np.isfinite(scalars["loss"]):
+      raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
+    eta = (self.plan.total_steps - step) * elapsed / len(fetched)
+    print(progress_line(step, self.plan.total_steps, scalars, eta), flush=True)
+    self.pending = []
+    self.restart_clock()
+    return scalars
 
 
 def _meta(config, step: int, plan: Plan) -> dict:

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mae_jax import configlib, data, train
+from mae_jax import configlib, data, tasks, train
 from mae_jax.analyze import __main__ as analyze_main
 from mae_jax.analyze import images as image_panels
 from mae_jax.analyze import metrics, plots, run
 from mae_jax.analyze.monitor import IMAGE_TAG, Monitor
 from mae_jax.errors import UserError
 from mae_jax.methods import get_method, mae
-from test_train import REPO, small_config
+from conftest import REPO, small_config
 
 
 def _tensorboard_images(workdir):
@@ -41,7 +41,7 @@ def pretrained(tmp_path_factory, digits_data_dir):
   workdir = str(tmp_path_factory.mktemp("analyze_mae"))
   config = small_config(digits_data_dir, total_steps=2, **{
       "monitor.every_steps": 2, "monitor.heldout_batches": 2, "monitor.num_images": 3})
-  out = train.pretrain(config, workdir, devices=jax.devices()[:2])
+  out = tasks.pretrain(config, workdir, devices=jax.devices()[:2])
   return {"workdir": workdir, "config": config, "out": out}
 
 

@@ -14,37 +14,20 @@ from flax import traverse_util
 
 from configs import finetune as finetune_config
 from configs import linprobe as linprobe_config
-from mae_jax import train
+from mae_jax import tasks, train
 from mae_jax.errors import UserError
-from mae_jax.evaluate import classify, encoder_init
+from mae_jax import workdir as workdirs
+from mae_jax.evaluate import classifier, finetune, linprobe
 from mae_jax.models.vit import ViT, sincos_2d
-from test_train import REPO, override, small_config
+from conftest import REPO, override, small_config
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, digits_data_dir):
   """A 2-step MAE pretraining workdir (Mu/4 at 16 px) with real Orbax checkpoints."""
   workdir = str(tmp_path_factory.mktemp("pre"))
-  train.pretrain(small_config(digits_data_dir, total_steps=2), workdir, devices=jax.devices()[:2])
+  tasks.pretrain(small_config(digits_data_dir, total_steps=2), workdir, devices=jax.devices()[:2])
   return workdir
-
-
-def _task_config(kind, init_from, data_dir, **overrides):
-  c = (finetune_config if kind == "finetune" else linprobe_config).get_config("digits")
-  c.init_from = init_from
-  c.dataset.data_dir = data_dir
-  c.batch_size = 32
-  c.total_steps = 3
-  c.warmup_epochs = 0.0
-  c.eval_every_steps = 3
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 3
-  c.classifier.eval_batch_size = 64
-  return override(c, overrides)
-
-
-def _flat(tree):
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -53,14 +36,14 @@ def _flat(tree):
 def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_bitwise(pretrained,
                                                                          digits_data_dir,
                                                                          tmp_path):
-  config = _task_config("linprobe", pretrained, digits_data_dir)
+  config = task_config("linprobe", pretrained, digits_data_dir)
   task = classify.Task(config)
   assert config.image_size == 16  # 0 = the pretraining run's.
-  out = train.pretrain(config, str(tmp_path / "lp"), devices=jax.devices()[:2], method=task)
+  out = tasks.pretrain(config, str(tmp_path / "lp"), devices=jax.devices()[:2], method=task)
   state = out["state"]
   assert set(state.params) == {"head"}  # the only trained parameters.
-  loaded, _ = encoder_init.load_pretrained(pretrained)
-  want, got = _flat(loaded["encoder"]), _flat(state.model_state["frozen"]["encoder"])
+  loaded, _ = workdirs.load_params(pretrained)
+  want, got = flat(loaded["encoder"]), flat(state.model_state["frozen"]["encoder"])
   assert want.keys() == got.keys()
   for k in want:
     assert np.array_equal(want[k], got[k]), k  # bitwise: the probe never touched it.
@@ -73,7 +56,7 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_bitwise(pretrai
 def test_linear_probe_computes_no_gradient_for_the_encoder(pretrained, digits_data_dir):
   # The backward pass adds exactly one matmul (the head kernel's gradient) to the forward one:
   # none of the encoder's matmuls is differentiated.
-  task = classify.Task(_task_config("linprobe", pretrained, digits_data_dir))
+  task = classify.Task(task_config("linprobe", pretrained, digits_data_dir))
   params, model_state = task.init_state(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   batch = {"image": jnp.zeros((4, 16, 16, 3)), "label": jnp.arange(4)}
   step = jnp.zeros((), jnp.int32)
@@ -98,12 +81,12 @@ def test_linear_probe_computes_no_gradient_for_the_encoder(pretrained, digits_da
 
 
 def test_finetune_starts_from_the_pretrained_encoder(pretrained, digits_data_dir):
-  task = classify.Task(_task_config("finetune", pretrained, digits_data_dir))
+  task = classify.Task(task_config("finetune", pretrained, digits_data_dir))
   params, model_state = task.init_state(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   assert model_state == {}  # full fine-tuning: everything trains.
   params, _ = task.initial_weights(params, model_state)
-  loaded, _ = encoder_init.load_pretrained(pretrained)
-  enc, got = _flat(loaded["encoder"]), _flat(params)
+  loaded, _ = workdirs.load_params(pretrained)
+  enc, got = flat(loaded["encoder"]), flat(params)
   for k, v in enc.items():
     if k.startswith("norm/"):
       assert k not in got  # average pooling uses a fresh fc_norm; the pretrained norm is dropped.
@@ -115,15 +98,15 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, digits_data_dir
 
 
 def test_partial_finetune_trains_the_last_blocks_only(pretrained, digits_data_dir, tmp_path):
-  config = _task_config("finetune", pretrained, digits_data_dir,
+  config = task_config("finetune", pretrained, digits_data_dir,
                         **{"classifier.train_blocks": 1, "dataset.randaugment": "",
                            "dataset.reprob": 0.0})
   task = classify.Task(config)
-  out = train.pretrain(config, str(tmp_path / "pft"), devices=jax.devices()[:2], method=task)
+  out = tasks.pretrain(config, str(tmp_path / "pft"), devices=jax.devices()[:2], method=task)
   state = out["state"]
   assert set(state.params) == {"blocks_3", "fc_norm", "head"}  # Mu has 4 blocks.
-  frozen = _flat(state.model_state["frozen"])
-  loaded = _flat(encoder_init.load_pretrained(pretrained)[0]["encoder"])
+  frozen = flat(state.model_state["frozen"])
+  loaded = flat(workdirs.load_params(pretrained)[0]["encoder"])
   for k, v in frozen.items():
     if k == "pos_embed":
       np.testing.assert_array_equal(v, sincos_2d(128, 4, 4, cls_token=True)[None])
@@ -202,7 +185,7 @@ def test_pos_embed_is_interpolated_to_a_new_grid():
 
 def test_finetune_at_a_larger_resolution_interpolates_the_pretraining_grid(pretrained,
                                                                            digits_data_dir):
-  task = classify.Task(_task_config("finetune", pretrained, digits_data_dir, image_size=24))
+  task = classify.Task(task_config("finetune", pretrained, digits_data_dir, image_size=24))
   params, state = task.init_state(jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 3)))
   params, _ = task.initial_weights(params, state)
   want = classify.interpolate_grid(sincos_2d(128, 4, 4, cls_token=True)[None], (4, 4), (6, 6), 1)

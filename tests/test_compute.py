@@ -7,23 +7,19 @@ import pytest
 from flax import traverse_util
 
 from configs import convmae as convmae_config
-from mae_jax import train
+from mae_jax import tasks, train
 from mae_jax.errors import UserError
 from mae_jax.models.convvit import ConvMAEEncoder
-from mae_jax.evaluate import encoder_init
+from mae_jax import workdir as workdirs
 from mae_jax.models.vit import Compute, ViT, cast_params, stack_blocks, unstack_blocks
-from test_train import small_config
+from conftest import small_config
 
 
 def _run(tmp_path, data_dir, name, devices=1, **overrides):
   # Two decoder blocks so that the decoder's blocks are scanned too.
   config = small_config(data_dir, **{"model.decoder_depth": 2, "total_steps": 3,
                                      "log_every_steps": 1, **overrides})
-  return train.pretrain(config, str(tmp_path / name), devices=jax.devices()[:devices])
-
-
-def _flat(tree):
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+  return tasks.pretrain(config, str(tmp_path / name), devices=jax.devices()[:devices])
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +37,10 @@ def test_remat_and_scan_keep_the_loss_trajectory_and_the_parameters(reference, t
   assert "blocks" in stacked["encoder"] and "blocks_0" not in stacked["encoder"]
   assert stacked["encoder"]["blocks"]["mlp"]["fc1"]["kernel"].shape == (4, 128, 512)
   # ... and its checkpoint reads back in the per-block layout everything else uses.
-  loaded, _ = encoder_init.load_pretrained(str(tmp_path / "run"))
-  ref, got = _flat(reference["state"].params), _flat(loaded)
+  loaded, _ = workdirs.load_params(str(tmp_path / "run"))
+  ref, got = flat(reference["state"].params), flat(loaded)
   assert ref.keys() == got.keys()  # blocks_0, blocks_1, ... as an unrolled run's.
-  assert _flat(unstack_blocks(stacked)).keys() == ref.keys()
+  assert flat(unstack_blocks(stacked)).keys() == ref.keys()
   for k in ref:
     # Adam turns float-rounding noise in near-zero gradients into steps of up to ~lr (<= 2.5e-4
     # here), so single entries may differ by a few lr; everything else agrees to rounding.

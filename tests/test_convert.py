@@ -25,7 +25,7 @@ from mae_jax.checkpoint import Checkpointer
 from mae_jax.convert import files, layout, workdirs
 from mae_jax.convert.__main__ import main as convert_main
 from mae_jax.errors import UserError
-from mae_jax.evaluate.encoder_init import check_fits, load_pretrained
+from mae_jax.workdir import check_fits, load_params as load_pretrained
 from mae_jax.methods import get_method
 from mae_jax.models.vit import ViT, sincos_2d
 
@@ -128,7 +128,8 @@ def _torch_shapes(config) -> dict:
 
 
 def test_names_and_shapes_are_the_official_releases():
-  # MAE ViT-B/16 and ConvMAE-Base at 224 px, as listed in shared REFERENCE.md.
+  # MAE ViT-B/16 and ConvMAE-Base at 224 px, as the official models_mae.py / models_convmae.py
+  # state_dicts list them.
   mae = _torch_shapes(mae_config.get_config("vit_b16"))
   want = {"cls_token": (1, 1, 768), "pos_embed": (1, 197, 768),
           "patch_embed.proj.weight": (768, 3, 16, 16), "patch_embed.proj.bias": (768,),
@@ -364,7 +365,7 @@ def _no_torch_env(tmp_path) -> dict:
   return env
 
 
-def _cli(args, env=None):
+def run_cli(args, env=None):
   return subprocess.run([sys.executable, "-m", "mae_jax.convert", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -374,11 +375,11 @@ def test_mae_round_trip_through_the_cli_is_bitwise(mae_workdir, tmp_path):
   workdir, config, by_step = mae_workdir
   out = str(tmp_path / "step1.safetensors")
   # Export needs no torch for .safetensors: run it with torch unimportable.
-  r = _cli(["export", f"--workdir={workdir}", "--step=1", f"--out={out}"], _no_torch_env(tmp_path))
+  r = run_cli(["export", f"--workdir={workdir}", "--step=1", f"--out={out}"], _no_torch_env(tmp_path))
   assert r.returncode == 0, r.stderr
   assert "mae layout" in r.stdout and "step 1" in r.stdout
   back = str(tmp_path / "imported")
-  r = _cli(["import", f"--src={out}", f"--workdir={back}"])
+  r = run_cli(["import", f"--src={out}", f"--workdir={back}"])
   assert r.returncode == 0, r.stderr
   assert f"--config.init_from={back}" in r.stdout
   params, meta = load_pretrained(back)
@@ -486,7 +487,7 @@ def test_bad_inputs_are_one_line_errors(mae_workdir, tmp_path, capsys):
   torch.save({"model": broken}, path)
   err = _run_main(["import", f"--src={path}", f"--workdir={tmp_path / 'b'}"], capsys)
   for part in ("2 missing: blocks.1.norm1.weight, decoder_norm.bias", "1 unexpected: extra.thing",
-               "blocks.0.attn.qkv.weight [10, 128] (want [384, 128])"):
+               "blocks.0.attn.qkv.weight (10, 128) vs (384, 128)"):
     assert part in err, err
   assert not (tmp_path / "b" / "checkpoints").exists()  # nothing written on failure.
   odd = {k: v for k, v in sd.items() if not k.startswith("blocks.3.")}  # depth 3: no such size.
@@ -523,7 +524,7 @@ class _Opaque:
 
 def test_pth_without_torch_says_how_to_install(mae_workdir, tmp_path):
   workdir, _, _ = mae_workdir
-  r = _cli(["export", f"--workdir={workdir}", f"--out={tmp_path / 'x.pth'}"],
+  r = run_cli(["export", f"--workdir={workdir}", f"--out={tmp_path / 'x.pth'}"],
            _no_torch_env(tmp_path))
   assert r.returncode == 2
   assert r.stderr.strip().count("\n") == 0

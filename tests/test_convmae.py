@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 
 from configs import convmae as convmae_config
-from mae_jax import masking, train
+from mae_jax import masking, tasks, train
 from mae_jax.errors import UserError
 from mae_jax.methods import get_method, mae
 from mae_jax.models import convvit
@@ -251,7 +251,7 @@ def test_pretrain_loop_end_to_end(tmp_path, digits_data_dir):
       "image_size": 32, "batch_size": 32, "total_steps": 4, "warmup_epochs": 0.1,
       "log_every_steps": 2, "checkpoint_every_steps": 4, "model.decoder_width": 32,
       "dataset.data_dir": digits_data_dir, "model.dwconv_impl": "conv"})
-  out = train.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  out = tasks.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
   assert int(out["state"].step) == 4
   assert [h["step"] for h in out["history"]] == [2, 4]
   logged = [r["loss"] for r in train.read_metrics(str(tmp_path / "wd")) if "loss" in r]

@@ -106,6 +106,17 @@ def test_dropped_tokens_carry_no_position(tiny):
   assert not np.allclose(logits[1, 0], logits[1, 1], atol=1e-3)
 
 
+def test_with_all_positions_kept_the_encoder_is_the_plain_masked_vit(tiny):
+  # The position-mask-token edit is DropPos's only change to the encoder's stages.
+  method, params = tiny
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  ids_keep = jnp.array([[0, 15, 5, 10], [3, 2, 1, 12]])
+  logits = method.model.apply({"params": params}, images, ids_keep, jnp.zeros((2, 4)))
+  tokens = method.model.encoder.apply({"params": params["encoder"]}, images, ids_keep)
+  want = method.model.decoder.apply({"params": params["decoder"]}, tokens)
+  np.testing.assert_array_equal(logits, want)
+
+
 def test_params_tree_and_encoder_is_a_plain_vit():
   c = tiny_config()
   images = jnp.zeros((1, 16, 16, 3))

@@ -9,11 +9,12 @@ import pytest
 from flax import traverse_util
 
 from configs import convmae as convmae_config
-from mae_jax import data, masking, train
+from mae_jax import data, masking, tasks, train
 from mae_jax.errors import UserError
-from mae_jax.evaluate import encoder_init, knn
+from mae_jax import workdir as workdirs
+from mae_jax.evaluators import knn
 from mae_jax.methods import get_method
-from test_train import small_config
+from conftest import small_config
 
 
 def _random_params(method, image_size):
@@ -135,13 +136,13 @@ def pretrained(tmp_path_factory, digits_data_dir):
   """A 2-step MAE Mu/4 run at 16 px with checkpoints at steps 1 and 2."""
   config = small_config(digits_data_dir, total_steps=2, checkpoint_every_steps=1)
   workdir = str(tmp_path_factory.mktemp("pretrain"))
-  out = train.pretrain(config, workdir, devices=jax.devices()[:1])
+  out = tasks.pretrain(config, workdir, devices=jax.devices()[:1])
   return config, workdir, out["state"]
 
 
 def test_load_pretrained_restores_params_only(pretrained):
   config, workdir, state = pretrained
-  params, meta = encoder_init.load_pretrained(workdir)
+  params, meta = workdirs.load_params(workdir)
   assert meta["step"] == 2 and meta["method"] == "mae"
   assert set(params) == {"encoder", "decoder"}  # no optimizer state, step or rng.
   got = traverse_util.flatten_dict(params)
@@ -150,30 +151,30 @@ def test_load_pretrained_restores_params_only(pretrained):
   for k in want:
     assert got[k].dtype == want[k].dtype and np.array_equal(np.asarray(got[k]), want[k]), k
   # An explicit step, from the checkpoints folder itself: step 1's params are not step 2's.
-  params1, meta1 = encoder_init.load_pretrained(f"{workdir}/checkpoints", step=1)
+  params1, meta1 = workdirs.load_params(f"{workdir}/checkpoints", step=1)
   assert meta1["step"] == 1
   a = np.asarray(params1["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
   assert not np.array_equal(a, want[("encoder", "blocks_0", "attn", "qkv", "kernel")])
   method = get_method(config)
-  assert encoder_init.encoder_params(params, method) is params["encoder"]
+  assert workdirs.encoder_params(params, method) is params["encoder"]
 
 
 def test_load_pretrained_errors(pretrained, tmp_path):
   config, workdir, _ = pretrained
   with pytest.raises(UserError, match="does not exist"):
-    encoder_init.load_pretrained(str(tmp_path / "nowhere"))
+    workdirs.load_params(str(tmp_path / "nowhere"))
   with pytest.raises(UserError, match="no checkpoints"):
-    encoder_init.load_pretrained(str(tmp_path))
+    workdirs.load_params(str(tmp_path))
   with pytest.raises(UserError, match=r"no checkpoint for step 7 .*\[1, 2\]"):
-    encoder_init.load_pretrained(workdir, step=7)
-  params, _ = encoder_init.load_pretrained(workdir)
+    workdirs.load_params(workdir, step=7)
+  params, _ = workdirs.load_params(workdir)
   mine = get_method(config)
-  encoder_init.check_fits(_abstract_encoder(mine, 16), params["encoder"])  # fits: no error
+  workdirs.check_fits(_abstract_encoder(mine, 16), params["encoder"])  # fits: no error
   other = get_method(small_config(config.dataset.data_dir, **{"model.variant": "Mu/8"}))
   with pytest.raises(UserError, match=r"1 shapes differ.*patch_embed\.proj\.kernel"):
-    encoder_init.check_fits(_abstract_encoder(other, 16), params["encoder"])
+    workdirs.check_fits(_abstract_encoder(other, 16), params["encoder"])
   with pytest.raises(UserError, match=r"missing blocks_1.*unexpected embed"):
-    encoder_init.check_fits(_abstract_encoder(mine, 16), params["decoder"])
+    workdirs.check_fits(_abstract_encoder(mine, 16), params["decoder"])
 
 
 def _abstract_encoder(method, image_size):
@@ -183,7 +184,7 @@ def _abstract_encoder(method, image_size):
 
 def test_knn_on_digits_with_a_barely_pretrained_encoder(pretrained):
   config, workdir, _ = pretrained
-  params, _ = encoder_init.load_pretrained(workdir)
+  params, _ = workdirs.load_params(workdir)
   method = get_method(config)
   source = data.get_source(config.dataset)
   result = knn.evaluate_knn(config, method, params, source, batch_size=256)
@@ -229,7 +230,7 @@ def test_knn_task_scores_a_pretraining_workdir_and_a_random_baseline(pretrained,
 def test_knn_monitor_during_pretraining(tmp_path, digits_data_dir):
   config = small_config(digits_data_dir, total_steps=3, **{"knn.every_steps": 2,
                                                            "knn.batch_size": 100})
-  out = train.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  out = tasks.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
   knn = [h for h in out["history"] if "knn_top1" in h]
   assert [h["step"] for h in knn] == [2, 3]  # every 2 steps and at the end.
   assert all(0.0 <= h["knn_top1"] <= 1.0 for h in knn)

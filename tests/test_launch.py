@@ -511,7 +511,7 @@ def test_slurm_cancel_or_preemption_waits_for_the_checkpoint_without_requeue(fak
 def test_tpu_worker_runs_and_stops_the_real_training(tmp_path, digits_data_dir):
   """tpu_worker.sh's run and stop around the real mae_jax.main (CPU): detached, logged, and
   SIGTERM ends it with a checkpoint."""
-  from test_train import SMALL  # pylint: disable=g-import-not-at-top
+  from conftest import SMALL  # pylint: disable=g-import-not-at-top
   code = tmp_path / "mae_jax"
   code.mkdir()
   for name in ("mae_jax", "configs"):

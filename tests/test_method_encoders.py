@@ -12,17 +12,14 @@ import pytest
 from flax import traverse_util
 
 from configs import droppos, simmim, splitmask
-from mae_jax import train
-from mae_jax.evaluate import classify, encoder_init
-from test_classify import _task_config
+from mae_jax import tasks, train
+from mae_jax import workdir as workdirs
+from mae_jax.evaluate import classifier, finetune, linprobe
+from conftest import task_config
 
 # ConvMAE's encoder -> ConvViT: tests/test_convmae.py::test_convvit_starts_from_the_pretrained_encoder;
 # it costs two minutes here.
 CONFIGS = {"simmim": simmim, "splitmask": splitmask, "droppos": droppos}
-
-
-def _flat(tree):
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -37,28 +34,28 @@ def pretrained(request, tmp_path_factory, digits_data_dir):
   c.dataset.data_dir = digits_data_dir
   c.model.decoder_depth = 1
   workdir = str(tmp_path_factory.mktemp(name))
-  train.pretrain(c, workdir, devices=jax.devices()[:1])
+  tasks.pretrain(c, workdir, devices=jax.devices()[:1])
   return name, size, workdir
 
 
 def test_linear_probe_and_finetune_start_from_the_pretrained_encoder(pretrained, digits_data_dir):
   name, size, workdir = pretrained
-  encoder = _flat(encoder_init.load_pretrained(workdir)[0]["encoder"])
+  encoder = flat(workdirs.load_params(workdir)[0]["encoder"])
   images = jnp.zeros((1, size, size, 3))
 
-  probe = classify.Task(_task_config("linprobe", workdir, digits_data_dir))
+  probe = classify.Task(task_config("linprobe", workdir, digits_data_dir))
   params, model_state = probe.init_state(jax.random.PRNGKey(0), images)
   params, model_state = probe.initial_weights(params, model_state)
-  frozen = _flat(model_state["frozen"]["encoder"])
+  frozen = flat(model_state["frozen"]["encoder"])
   assert frozen.keys() == encoder.keys(), name
   for k, v in encoder.items():
     assert np.array_equal(v, frozen[k]), (name, k)
   logits, _ = probe.logits(params, model_state, images)  # through the method's own feature.
   assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
 
-  tune = classify.Task(_task_config("finetune", workdir, digits_data_dir))
+  tune = classify.Task(task_config("finetune", workdir, digits_data_dir))
   params, model_state = tune.init_state(jax.random.PRNGKey(0), images)
-  got = _flat(tune.initial_weights(params, model_state)[0])
+  got = flat(tune.initial_weights(params, model_state)[0])
   # Everything but the final norm (average pooling uses a fresh fc_norm) and ConvMAE's
   # multi-scale fusion convolutions (pretraining only) arrives in the classifier unchanged.
   dropped = {"norm/bias", "norm/scale"}

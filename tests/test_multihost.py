@@ -14,7 +14,7 @@ import pytest
 
 from mae_jax import data, distributed, train
 from mae_jax.errors import UserError
-from test_train import REPO, SMALL, small_config
+from conftest import REPO, SMALL, small_config
 
 
 def _free_port() -> int:

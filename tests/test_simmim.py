@@ -84,6 +84,17 @@ def test_masked_pixels_do_not_reach_the_prediction(tiny):
   assert not np.allclose(pred[2], pred[0], atol=1e-3)
 
 
+def test_without_masked_patches_the_model_is_the_plain_encoder_and_head(tiny):
+  # The mask-token edit is SimMIM's only change to the encoder's stages.
+  method, params = tiny
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  pred = method.model.apply({"params": params}, images, jnp.zeros((2, 16)))
+  tokens = method.model.encoder.apply({"params": params["encoder"]}, images)
+  head = params["head"]
+  np.testing.assert_allclose(pred, tokens[:, 1:] @ head["kernel"] + head["bias"], rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_params_tree_and_encoder_is_a_plain_vit():
   c = tiny_config()
   method = get_method(c)

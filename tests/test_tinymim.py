@@ -17,13 +17,14 @@ from configs import convmae as convmae_config
 from configs import linprobe as linprobe_config
 from configs import mae as mae_config
 from configs import tinymim as tinymim_config
-from mae_jax import train
+from mae_jax import tasks, train
 from mae_jax.checkpoint import Checkpointer
 from mae_jax.errors import UserError
-from mae_jax.evaluate import classify, encoder_init
+from mae_jax import workdir as workdirs
+from mae_jax.evaluate import classifier, finetune, linprobe
 from mae_jax.methods import get_method, tinymim
 from mae_jax.models.vit import Attention
-from test_train import _cli, _snapshot, override, small_config
+from conftest import override, run_cli, small_config, snapshot
 
 IMAGES = jnp.zeros((1, 16, 16, 3))
 
@@ -48,7 +49,7 @@ def teacher(tmp_path_factory, digits_data_dir):
 def distilled(tmp_path_factory, teacher, digits_data_dir):
   """A 2-step TinyMIM workdir: Nano/4 student (64 wide, 2 heads) from the Mu/4 teacher."""
   workdir = str(tmp_path_factory.mktemp("tinymim"))
-  out = train.pretrain(tiny_config(teacher, digits_data_dir), workdir, devices=jax.devices()[:1])
+  out = tasks.pretrain(tiny_config(teacher, digits_data_dir), workdir, devices=jax.devices()[:1])
   return workdir, out
 
 
@@ -63,10 +64,6 @@ def tiny_config(teacher_workdir, data_dir="", **overrides):
   c.teacher.workdir = teacher_workdir
   c.dataset.data_dir = data_dir
   return override(c, overrides)
-
-
-def _flat(tree):
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 def _ready(method, rng=0):
@@ -163,8 +160,8 @@ def test_distilling_trains_the_student_only_and_keeps_the_teacher_bitwise(teache
   workdir, out = distilled
   state = out["state"]
   assert set(state.params) == {"encoder"}  # no teacher, no head in the trained params.
-  loaded, _ = encoder_init.load_pretrained(teacher)
-  want, got = _flat(loaded["encoder"]), _flat(state.model_state["teacher"])
+  loaded, _ = workdirs.load_params(teacher)
+  want, got = flat(loaded["encoder"]), flat(state.model_state["teacher"])
   assert got.keys() == want.keys()  # layer 0 = last: all 4 blocks and the final norm.
   for k in want:
     assert np.array_equal(want[k], got[k]), k  # bitwise after the jitted steps.
@@ -179,7 +176,7 @@ def test_distilling_trains_the_student_only_and_keeps_the_teacher_bitwise(teache
                              argnums=(0, 1)))
   g_student, g_teacher = grad_fn(params, model_state)
   assert all(not np.any(x) for x in jax.tree.leaves(g_teacher))  # stop_gradient
-  g = _flat(g_student)
+  g = flat(g_student)
   for name in ("encoder/patch_embed/proj/kernel", "encoder/blocks_0/mlp/fc1/kernel",
                "encoder/blocks_3/attn/qkv/kernel", "encoder/blocks_3/norm1/scale"):
     assert np.abs(g[name]).max() > 0, name
@@ -189,7 +186,7 @@ def test_distilling_trains_the_student_only_and_keeps_the_teacher_bitwise(teache
   assert len(unused) == 10 and all(not np.any(g[k]) for k in unused)
   tx = method.optimizer(optax.constant_schedule(1e-2), params)
   ones = jax.tree.map(jnp.ones_like, params)
-  updates = _flat(tx.update(ones, tx.init(params), params)[0])
+  updates = flat(tx.update(ones, tx.init(params), params)[0])
   assert all(not np.any(updates[k]) for k in unused)
   assert np.abs(updates["encoder/blocks_3/attn/qkv/kernel"]).min() > 0
 
@@ -210,8 +207,8 @@ def test_student_loads_into_a_linear_probe_without_the_teacher(distilled, digits
   task = classify.Task(c)
   params, model_state = task.init_state(jax.random.PRNGKey(0), IMAGES)
   params, model_state = task.initial_weights(params, model_state)
-  got = _flat(model_state["frozen"]["encoder"])
-  want = _flat(out["state"].params["encoder"])
+  got = flat(model_state["frozen"]["encoder"])
+  want = flat(out["state"].params["encoder"])
   assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
   feats = task.features(model_state["frozen"], jnp.ones((2, 16, 16, 3)))
   assert feats.shape == (2, 64)  # the mean of the patch tokens by default.
@@ -225,8 +222,8 @@ def test_chain_a_tinymim_student_is_the_next_teacher(distilled):
   assert (t.method, t.variant, t.num_heads, t.layer, t.depth) == ("tinymim", "Nano/4", 2, 2, 4)
   params, state = _ready(method)
   assert sorted(state["teacher"]) == ["blocks_0", "blocks_1", "cls_token", "norm", "patch_embed"]
-  want = _flat(out["state"].params["encoder"])
-  for k, v in _flat(state["teacher"]).items():
+  want = flat(out["state"].params["encoder"])
+  for k, v in flat(state["teacher"]).items():
     assert np.array_equal(v, want[k]), k
   _, (m, _) = _loss(method)(params, state, _batch(), jax.random.PRNGKey(0), 0)
   assert float(m["loss_qk"]) > 0 and np.isfinite(float(m["loss"]))
@@ -317,8 +314,8 @@ def test_cli_teacher_error_is_one_line_and_leaves_the_workdir_alone(teacher, tmp
   wd = tmp_path / "existing"
   wd.mkdir()
   (wd / "notes.txt").write_text("keep me")
-  before = _snapshot(str(wd))
-  r = _cli("--config=configs/tinymim.py", f"--workdir={wd}", "--config.image_size=16",
+  before = snapshot(str(wd))
+  r = run_cli("--config=configs/tinymim.py", f"--workdir={wd}", "--config.image_size=16",
            "--config.batch_size=16", "--config.total_steps=2",
            f"--config.dataset.data_dir={digits_data_dir}", f"--config.teacher.workdir={teacher}",
            "--config.teacher.layer=9",
@@ -327,4 +324,4 @@ def test_cli_teacher_error_is_one_line_and_leaves_the_workdir_alone(teacher, tmp
   lines = [line for line in r.stderr.splitlines() if line.strip()]
   assert len(lines) == 1, r.stderr
   assert lines[0].startswith("error: config.teacher.layer=9 is outside 0..4"), r.stderr
-  assert _snapshot(str(wd)) == before
+  assert snapshot(str(wd)) == before

@@ -11,40 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import mae as mae_config
-from mae_jax import train
+from conftest import REPO, SMALL, run_cli, small_config, snapshot
+from mae_jax import tasks, train
 from mae_jax.errors import UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A model small enough for seconds per run: 16 px images, 4 px patches, 16 patches.
-SMALL = ["--config.image_size=16", "--config.batch_size=32", "--config.model.decoder_width=32",
-         "--config.model.decoder_depth=1", "--config.log_every_steps=2"]
-
-
-def small_config(data_dir, **overrides):
-  c = mae_config.get_config("tiny")
-  c.image_size = 16
-  c.batch_size = 32
-  c.total_steps = 4
-  c.warmup_epochs = 0.1
-  c.model.decoder_width = 32
-  c.model.decoder_depth = 1
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 2
-  c.dataset.data_dir = data_dir
-  return override(c, overrides)
-
-
-def override(c, overrides: dict):
-  """Sets dotted keys ('model.decoder_width') of config `c`; returns it."""
-  for k, v in overrides.items():
-    target = c
-    *path, leaf = k.split(".")
-    for p in path:
-      target = target[p]
-    target[leaf] = v
-  return c
 
 
 def _leaves(tree):
@@ -53,9 +22,9 @@ def _leaves(tree):
 
 def test_one_and_eight_devices_agree(tmp_path, digits_data_dir):
   assert len(jax.devices()) == 8
-  one = train.pretrain(small_config(digits_data_dir), str(tmp_path / "one"),
+  one = tasks.pretrain(small_config(digits_data_dir), str(tmp_path / "one"),
                        devices=jax.devices()[:1])
-  eight = train.pretrain(small_config(digits_data_dir), str(tmp_path / "eight"))
+  eight = tasks.pretrain(small_config(digits_data_dir), str(tmp_path / "eight"))
   assert [h["step"] for h in one["history"]] == [2, 4]
   np.testing.assert_allclose([h["loss"] for h in one["history"]],
                              [h["loss"] for h in eight["history"]], rtol=2e-5)
@@ -96,63 +65,45 @@ def test_gradient_accumulation_equals_the_big_batch_step():
 
 
 def test_grad_accum_config_trains(tmp_path, digits_data_dir):
-  out = train.pretrain(small_config(digits_data_dir, grad_accum_steps=2), str(tmp_path / "acc"),
+  out = tasks.pretrain(small_config(digits_data_dir, grad_accum_steps=2), str(tmp_path / "acc"),
                        devices=jax.devices()[:2])
   assert int(out["state"].step) == 4 and all(np.isfinite(h["loss"]) for h in out["history"])
 
 
 def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, digits_data_dir):
   cfg = dict(total_steps=6)
-  straight = train.pretrain(small_config(digits_data_dir, **cfg), str(tmp_path / "a"),
+  straight = tasks.pretrain(small_config(digits_data_dir, **cfg), str(tmp_path / "a"),
                             devices=jax.devices()[:2])
   wd = str(tmp_path / "b")
-  first = train.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2],
+  first = tasks.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2],
                          stop_at_step=3)
   assert int(first["state"].step) == 3
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
-  resumed = train.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2])
+  resumed = tasks.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2])
   assert int(resumed["state"].step) == 6
   for a, b in zip(_leaves(straight["state"]), _leaves(resumed["state"])):
     np.testing.assert_array_equal(a, b)
   records = train.read_metrics(wd)
   assert [r["step"] for r in records if "loss" in r] == [2, 3, 4, 6]
   # Running again after the end does nothing and keeps the state.
-  again = train.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2])
+  again = tasks.pretrain(small_config(digits_data_dir, **cfg), wd, devices=jax.devices()[:2])
   assert again["history"] == [] and int(again["state"].step) == 6
 
 
 def test_checkpoint_of_another_model_is_a_user_error(tmp_path, digits_data_dir):
   wd = str(tmp_path / "wd")
-  train.pretrain(small_config(digits_data_dir, total_steps=2), wd, devices=jax.devices()[:1])
-  before = _snapshot(wd)
+  tasks.pretrain(small_config(digits_data_dir, total_steps=2), wd, devices=jax.devices()[:1])
+  before = snapshot(wd)
   with pytest.raises(UserError, match="does not match this config"):
-    train.pretrain(small_config(digits_data_dir, total_steps=2, **{"model.variant": "Mu/8"},
+    tasks.pretrain(small_config(digits_data_dir, total_steps=2, **{"model.variant": "Mu/8"},
                                 image_size=32), wd, devices=jax.devices()[:1])
-  assert _snapshot(wd) == before
-
-
-def _snapshot(directory):
-  """{relative path: bytes} of every file under `directory`."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for f in files:
-      path = os.path.join(root, f)
-      with open(path, "rb") as fh:
-        out[os.path.relpath(path, directory)] = fh.read()
-  return out
-
-
-def _cli(*args, env_extra=None, cwd=REPO):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "mae_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=600)
+  assert snapshot(wd) == before
 
 
 def test_cli_pretrains_on_the_embedded_default(tmp_path, digits_data_dir):
   wd = str(tmp_path / "wd")
   # A relative workdir, as in the README's quick start (Orbax itself needs absolute paths).
-  r = _cli(f"--config={REPO}/configs/mae.py", "--workdir=wd", *SMALL, "--config.total_steps=4",
+  r = run_cli(f"--config={REPO}/configs/mae.py", "--workdir=wd", *SMALL, "--config.total_steps=4",
            f"--config.dataset.data_dir={digits_data_dir}", "--config.mask_ratio=0.5",
            env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}, cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -188,10 +139,10 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, digits_dat
   wd = tmp_path / "existing"
   wd.mkdir()
   (wd / "notes.txt").write_text("keep me")
-  before = _snapshot(str(wd))
+  before = snapshot(str(wd))
   config = [a for a in args if a.startswith("--config=")] or ["--config=configs/mae.py"]
   rest = [a for a in args if not a.startswith("--config=")]
-  r = _cli(*config, f"--workdir={wd}", *SMALL, "--config.total_steps=2",
+  r = run_cli(*config, f"--workdir={wd}", *SMALL, "--config.total_steps=2",
            f"--config.dataset.data_dir={digits_data_dir}", *rest,
            env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
@@ -199,13 +150,13 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_alone(tmp_path, digits_dat
   assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
   assert message in lines[0]
   assert "Traceback" not in r.stderr
-  assert _snapshot(str(wd)) == before
+  assert snapshot(str(wd)) == before
 
 
 def test_unwritable_workdir(tmp_path, digits_data_dir):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
-  r = _cli("--config=configs/mae.py", f"--workdir={blocker}/run", *SMALL,
+  r = run_cli("--config=configs/mae.py", f"--workdir={blocker}/run", *SMALL,
            f"--config.dataset.data_dir={digits_data_dir}")
   assert r.returncode == 2
   assert r.stderr.strip().startswith("error: workdir") and "not writable" in r.stderr

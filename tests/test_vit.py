@@ -1,9 +1,16 @@
-"""ViT encoder: parameter counts, sin-cos position embedding, init, masking invariance."""
+"""ViT encoder: parameter counts, sin-cos position embedding, init, masking invariance, the
+stages `__call__` composes, position-embedding resampling."""
+
+try:  # before anything that imports TensorFlow (see conftest.py)
+  import torch
+except ImportError:
+  torch = None
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from mae_jax.models import vit
 
@@ -106,3 +113,79 @@ def test_encoder_ignores_masked_pixels():
   out2 = model.apply({"params": params}, changed, ids_keep)
   np.testing.assert_array_equal(out[0], out2[0])
   assert not np.allclose(out[1], out2[1])
+
+
+def _composed(model: vit.ViT, images, ids_keep=None, train: bool = False):
+  """`ViT.__call__` written out with the public stages (what SimMIM and DropPos do)."""
+  x = model.embed_patches(images)
+  pos = model.position_embedding(model.grid(images.shape[1:3]))
+  patch_pos = jnp.broadcast_to(pos[:, 1:], x.shape).astype(x.dtype)
+  if ids_keep is not None:
+    x, patch_pos = vit.gather_tokens(x, ids_keep), vit.gather_tokens(patch_pos, ids_keep)
+  return model.encode(model.prepend_cls(x + patch_pos, pos), train)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"global_pool": "token", "num_classes": 5, "drop_path_rate": 0.2},
+    {"global_pool": "avg", "num_classes": 5, "learnable_pos_embed": True},
+    {"compute": vit.Compute(dtype="bfloat16", remat=True)},
+])
+def test_call_is_the_composition_of_the_stages(kwargs):
+  model = vit.ViT(width=32, depth=2, num_heads=2, patch_size=4, **kwargs)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 12, 3))
+  ids_keep = jnp.array([[0, 5, 10], [3, 2, 11]], jnp.int32)
+  # Initialized through the stages: the same names and values (cls_token's init RNG follows the
+  # order of the parameters, pos_embed first).
+  params = model.init(jax.random.PRNGKey(1), images)["params"]
+  staged = model.init(jax.random.PRNGKey(1), images, method=_composed)["params"]
+  assert ("pos_embed" in params) == bool(kwargs.get("learnable_pos_embed"))
+  flat, flat_staged = (traverse_util.flatten_dict(t, sep="/") for t in (params, staged))
+  assert flat.keys() == flat_staged.keys()
+  for k in flat:
+    np.testing.assert_array_equal(flat[k], flat_staged[k], err_msg=k)
+  variables = {"params": vit.cast_params(params, model.compute.dtype)}
+  rngs = {"dropout": jax.random.PRNGKey(2)}
+  for ids in ([None] if model.num_classes else [None, ids_keep]):
+    for train in (False, True):
+      want = model.apply(variables, images, ids, train=train, rngs=rngs)
+      got = model.apply(variables, images, ids, train=train, rngs=rngs, method=_composed)
+      assert want.dtype == model.compute.jnp_dtype
+      np.testing.assert_array_equal(got, want)
+
+
+def test_stages_shapes_and_scan_over_stacked_blocks():
+  model = vit.ViT(width=32, depth=3, num_heads=2, patch_size=4, drop_path_rate=0.1)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 3))
+  params = model.init(jax.random.PRNGKey(1), images)["params"]
+  bound = model.bind({"params": params})
+  assert bound.embed_patches(images).shape == (2, 6, 32)
+  pos = bound.position_embedding((2, 3))
+  np.testing.assert_array_equal(pos, vit.sincos_2d(32, 2, 3, cls_token=True)[None])
+  assert bound.prepend_cls(jnp.zeros((2, 4, 32)), pos).shape == (2, 5, 32)
+  # compute.scan runs the blocks over the stacked layout of a scan run's training state.
+  scanned = model.clone(compute=vit.Compute(scan=True))
+  want = model.apply({"params": params}, images)
+  got = scanned.apply({"params": vit.stack_blocks(params)}, images)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("old,new,extra", [((4, 4), (6, 8), 1), ((5, 3), (2, 4), 0),
+                                           ((3, 3), (3, 3), 2)])
+def test_resample_pos_embed_is_torch_bicubic(old, new, extra):
+  """As the official MAE interpolate_pos_embed: F.interpolate(bicubic, align_corners=False) on the
+  grid tokens, the extra (cls) tokens kept."""
+  pos = np.random.default_rng(0).standard_normal((1, extra + old[0] * old[1], 8)).astype(np.float32)
+  got = vit.resample_pos_embed(pos, old, new, extra)
+  assert got.shape == (1, extra + new[0] * new[1], 8) and got.dtype == np.float32
+  np.testing.assert_array_equal(got[:, :extra], pos[:, :extra])
+  grid = torch.tensor(pos[:, extra:]).reshape(1, *old, 8).permute(0, 3, 1, 2)
+  ref = torch.nn.functional.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+  ref = ref.permute(0, 2, 3, 1).reshape(1, -1, 8).numpy()
+  np.testing.assert_allclose(got[:, extra:], ref, atol=1e-5)
+
+
+def test_resample_pos_embed_rejects_a_grid_that_does_not_fit():
+  with pytest.raises(ValueError, match="17 grid tokens, not 4x4"):
+    vit.resample_pos_embed(np.zeros((1, 18, 8)), (4, 4), (6, 6), 1)

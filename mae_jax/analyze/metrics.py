@@ -1,7 +1,7 @@
 """What an encoder's attention does, in numbers: attention distance, head diversity, linear CKA.
 
-Definitions follow "Revealing the Dark Secrets of Masked Image Modeling" (Xie et al. 2022), as
-summarized in REFERENCE.md ("MIM analysis"):
+Definitions follow "Revealing the Dark Secrets of Masked Image Modeling" (Xie et al. 2022,
+Sections 3-4):
 
 - averaged attention distance of layer l, head h: the mean over images and query patches of
   sum_k A(q, k) * stride * ||g_q - g_k||, g the (row, col) grid cell of a patch and stride its

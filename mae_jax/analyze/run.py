@@ -35,11 +35,10 @@ import tensorflow as tf
 from flax import traverse_util
 
 from mae_jax import data
-from mae_jax.analyze import images as image_panels
+from mae_jax import workdir as workdirs
 from mae_jax.analyze import metrics
 from mae_jax.errors import UserError
-from mae_jax.evaluate.encoder_init import check_fits, load_pretrained
-from mae_jax.evaluate.knn_task import pretraining_config
+from mae_jax.evaluators import panels as image_panels
 from mae_jax.methods import get_method
 from mae_jax.models.vit import Block
 
@@ -119,11 +118,7 @@ def open_workdir(workdir: str, *, step: int = 0, split: str = "", out: str = "",
   missing workdir or checkpoint, a checkpoint of another model, or an unknown split."""
   if not workdir:
     raise UserError("--workdir is required")
-  if not tf.io.gfile.isdir(workdir):
-    raise UserError(f"workdir {workdir} does not exist")
-  if not tf.io.gfile.exists(os.path.join(workdir, "config.json")):
-    raise UserError(f"{workdir} has no config.json: --workdir must be a pretraining workdir")
-  config = pretraining_config(workdir)
+  config = workdirs.read_config(workdir, "a pretraining workdir")
   if config.get("task", "pretrain") != "pretrain":
     raise UserError(f"{workdir} is a {config.task!r} workdir; the analyses read pretraining "
                     "workdirs")
@@ -132,10 +127,10 @@ def open_workdir(workdir: str, *, step: int = 0, split: str = "", out: str = "",
   if "compute" in config:  # float32, unrolled blocks: scanned blocks sow no attention maps.
     config.compute.update(dtype="float32", remat=False, scan=False)
   method = get_method(config)
-  params, meta = load_pretrained(workdir, step or None)
+  params, meta = workdirs.load_params(workdir, step or None)
   images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   expected = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
-  check_fits(expected, params, f"checkpoint of {workdir}")
+  workdirs.check_fits(expected, params, f"checkpoint of {workdir}")
   source = data.get_source(config.dataset)
   split = split or config.dataset.eval_split
   source.check_split(split)

@@ -1,6 +1,7 @@
 """Our Flax parameter trees <-> PyTorch state_dicts (timm ViT, official MAE, official ConvMAE).
 
-The names follow the official releases (see shared REFERENCE.md): our modules are already named
+The names follow the official releases (facebookresearch/mae `models_mae.py`, Alpha-VL/ConvMAE
+`models_convmae.py`, timm's `VisionTransformer`): our modules are already named
 like theirs, so a name is the tree path joined with '.', with `blocks_3` -> `blocks.3` (a torch
 ModuleList), `kernel`/`scale` -> `weight`, and the MAE decoder's own names prefixed as the
 official model has them at the top level (`embed` -> `decoder_embed`, `blocks_i` ->
@@ -25,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from mae_jax.errors import UserError
+from mae_jax.workdir import describe_mismatch
 from mae_jax.models import convvit, vit
 
 Params = Any
@@ -174,12 +176,6 @@ def export_state_dict(params: Params, grid: tuple[int, int]) -> StateDict:
   return out
 
 
-def _listed(what: str, names: list[str], limit: int = 12) -> str:
-  shown = ", ".join(names[:limit])
-  more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-  return f"{len(names)} {what}: {shown}{more}"
-
-
 def import_state_dict(state_dict: Mapping[str, np.ndarray], abstract: Params,
                       grid: tuple[int, int], ignore: tuple[str, ...] = (),
                       where: str = "state_dict") -> Params:
@@ -193,28 +189,20 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], abstract: Params,
   """
   expected = spec(abstract)
   consts = constants(abstract, grid)  # reads shapes only.
-  missing = sorted(set(expected) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(expected) - set(consts) - set(ignore))
-  shapes, not_sincos = [], []
-  for name, (_, kind, shape) in expected.items():
-    want = torch_shape(shape, kind)
-    if name in state_dict and tuple(state_dict[name].shape) != want:
-      shapes.append(f"{name} {list(state_dict[name].shape)} (want {list(want)})")
+  want = {name: torch_shape(shape, kind) for name, (_, kind, shape) in expected.items()}
+  have = {name: tuple(v.shape) for name, v in state_dict.items()
+          if name not in consts and name not in ignore}
+  not_sincos = []
   for name, value in consts.items():
     if name not in state_dict:
       continue  # a buffer, not a parameter: ours is computed.
     got = state_dict[name]
-    if tuple(got.shape) != value.shape:
-      shapes.append(f"{name} {list(got.shape)} (want {list(value.shape)})")
-    elif not np.allclose(np.asarray(got, np.float64), value, rtol=0, atol=SINCOS_ATOL):
+    want[name], have[name] = value.shape, tuple(got.shape)
+    if tuple(got.shape) == value.shape and not np.allclose(
+        np.asarray(got, np.float64), value, rtol=0, atol=SINCOS_ATOL):
       not_sincos.append(name)
-  problems = []
-  if missing:
-    problems.append(_listed("missing", missing))
-  if unexpected:
-    problems.append(_listed("unexpected", unexpected))
-  if shapes:
-    problems.append(_listed("shapes differ", shapes, 6))
+  problem = describe_mismatch(want, have, limit=12)
+  problems = [problem] if problem else []
   if not_sincos:
     problems.append(f"{', '.join(not_sincos)} not the fixed sin-cos embedding (a learned one "
                     "cannot be kept in this model)")

@@ -1,8 +1,8 @@
 """Workdir <-> file: export an Orbax checkpoint to a PyTorch file, import one into a workdir.
 
 Export reads a pretraining workdir (WORKDIR/config.json + WORKDIR/checkpoints/<step>, params
-only, as `encoder_init.load_pretrained`) or a fine-tuning workdir (through
-`mae_jax.evaluate.classify.load_classifier`) and writes timm's ViT layout, the official MAE
+only, through `mae_jax.workdir`) or a fine-tuning workdir (through
+`mae_jax.evaluate.finetune.load_classifier`) and writes timm's ViT layout, the official MAE
 layout or the official ConvMAE layout. Import writes a pseudo-pretraining workdir that
 `config.init_from` accepts: OUT/config.json (configs/mae.py or configs/convmae.py with the
 checkpoint's size) and OUT/checkpoints/0 with the items `state` = {'params': ...} and `meta`.
@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from mae_jax import workdir as workdirs
 from mae_jax.convert import files, layout
 from mae_jax.errors import UserError
 
@@ -28,18 +29,6 @@ FORMATS = ("auto", "timm", "mae", "convmae")
 ARCHS = ("auto", "mae", "convmae", "timm")
 # Classifier entries an import into a pretraining workdir leaves out (fine-tuning makes new ones).
 HEAD_NAMES = ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json, the resolved config every run saves (as knn_task.pretraining_config,
-  read with etils.epath so that the converter does not load TensorFlow)."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise UserError(f"{path} not found: --workdir must be a training workdir")
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON: {e}") from None
 
 
 # ----------------------------------------------------------------------------- export
@@ -89,17 +78,16 @@ def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int
 
   A pretraining workdir: fmt 'timm' writes its ViT encoder, 'mae' the whole official MAE model
   ({'model': sd} in a .pth), 'convmae' the whole official ConvMAE model; 'auto' picks by method.
-  A fine-tuning workdir (its classifier via `classify.load_classifier`, `best` for WORKDIR/best):
+  A fine-tuning workdir (its classifier via `finetune.load_classifier`, `best` for WORKDIR/best):
   timm's layout for a ViT, the official ConvViT's for ConvMAE, with the head unless not `head`.
   `image_size` writes the fixed sin-cos buffers for another resolution (a learned pos_embed is
   exported as trained). Returns a summary dict (layout, source, counts, a load hint).
   """
-  from mae_jax.checkpoint import absolute
   if fmt not in FORMATS:
     raise UserError(f"--format must be one of {FORMATS}, got {fmt!r}")
   files.check_out_path(out, force)  # before any loading.
-  workdir = absolute(workdir)
-  config = read_config(workdir)
+  workdir = workdirs.absolute(workdir)
+  config = workdirs.read_config(workdir)
   task = config.get("task", "pretrain")
   if task == "pretrain":
     if best:
@@ -127,11 +115,10 @@ def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int
 
 def _pretrained_tree(workdir, config, fmt, step, image_size):
   """(format, tree to export, variant, image size, step) of a pretraining workdir."""
-  from mae_jax.evaluate.encoder_init import check_fits, load_pretrained
   from mae_jax.methods import get_method
   method = get_method(config)
-  params, meta = load_pretrained(workdir, step)
-  check_fits(_fresh_shapes(method, config.image_size), params, f"checkpoint of {workdir}")
+  params, meta = workdirs.load_params(workdir, step)
+  workdirs.check_fits(_fresh_shapes(method, config.image_size), params, f"checkpoint of {workdir}")
   params = jax.device_get(params)
   name = config.method
   if fmt == "auto":
@@ -153,10 +140,10 @@ def _pretrained_tree(workdir, config, fmt, step, image_size):
 
 def _classifier_tree(workdir, config, fmt, step, image_size, head, best):
   """(format, tree, variant, image size, step) of a fine-tuning workdir."""
-  from mae_jax.evaluate import classify
+  from mae_jax.evaluate.finetune import load_classifier
   from mae_jax.models.convvit import ConvViT
   from mae_jax.models.vit import ViT
-  module, params, info = classify.load_classifier(workdir, step, best=best)
+  module, params, info = load_classifier(workdir, step, best=best)
   tree = dict(params)
   if not head:
     tree.pop("head", None)
@@ -309,10 +296,10 @@ def import_checkpoint(src: str, workdir: str, arch: str = "auto", variant: Optio
                       norm_pix_loss: Optional[bool] = None, force: bool = False) -> dict:
   """A PyTorch checkpoint (official MAE / ConvMAE release, timm ViT, or our export) -> a
   pseudo-pretraining workdir for `config.init_from`. Returns a summary dict."""
-  from mae_jax.checkpoint import Checkpointer, absolute
+  from mae_jax.checkpoint import Checkpointer
   if arch not in ARCHS:
     raise UserError(f"--arch must be one of {ARCHS}, got {arch!r}")
-  workdir = absolute(workdir)
+  workdir = workdirs.absolute(workdir)
   check_target(workdir, force)
   sd, metadata = files.read_state_dict(src)
   if arch == "auto":

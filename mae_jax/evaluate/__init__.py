@@ -1,1 +1,2 @@
-"""Downstream evaluation of pretrained encoders: checkpoint loading (`encoder_init`), k-NN (`knn`)."""
+"""Downstream tasks on a pretrained encoder: fine-tuning and linear probing (trainables sharing
+`classifier`), layer-wise lr decay, mixup / cutmix, and the pretraining-helps example."""

@@ -58,10 +58,9 @@ def _config(path: str, **values):
 
 def main(argv):
   del argv
-  from mae_jax import train
-  from mae_jax.checkpoint import absolute
+  from mae_jax import tasks
   from mae_jax.errors import UserError
-  from mae_jax.evaluate import classify, knn_task
+  from mae_jax.workdir import absolute
 
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   workdir = absolute(FLAGS.workdir)
@@ -71,7 +70,7 @@ def main(argv):
       raise UserError(f"--pretrained={pretrained} is not a pretraining workdir (no config.json)")
     if not pretrained:
       pretrained = os.path.join(workdir, "pretrain")
-      train.pretrain(_config(os.path.join(root, FLAGS.pretrain_config)), pretrained)
+      tasks.pretrain(_config(os.path.join(root, FLAGS.pretrain_config)), pretrained)
     pretrained = absolute(pretrained)
     results = {}
     tasks = ["knn", "linprobe"] + (["finetune"] if FLAGS.finetune else [])
@@ -83,10 +82,10 @@ def main(argv):
                     random_init=random_init)
         out_dir = os.path.join(workdir, f"{task}_{name}")
         if task == "knn":
-          top1 = knn_task.run_knn(c, out_dir)["knn_top1"]
+          top1 = tasks.knn(c, out_dir)["knn_top1"]
         else:
-          out = classify.run(c, out_dir)
-          top1 = [h for h in out["history"] if "top1" in h][-1]["top1"]
+          out = tasks.TASKS[task](c, out_dir)
+          top1 = [h for h in out["history"] if c.best_metric in h][-1][c.best_metric]
         results[task][name] = float(top1)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,8 @@
-"""Weighted k-NN classification on frozen encoder features (InstDisc / DINO `knn_classifier`).
+"""k-NN top-1 of the encoder during training, and the weighted k-NN classifier behind it
+(InstDisc / DINO `knn_classifier`).
+
+  config.evals.knn = dict(type="knn", every_steps=N, k=20, temperature=0.07, pool="",
+                          batch_size=0)
 
 Features are L2-normalized; each test image takes the k training images of highest cosine
 similarity, each votes for its label with weight exp(sim / T), and the class with the largest
@@ -17,6 +21,11 @@ import numpy as np
 
 from mae_jax import data
 from mae_jax.errors import UserError
+from mae_jax.evaluators.base import Context, Periodic
+
+# pool '' = the method's default ('cls' for MAE, 'avg' for ConvMAE); batch_size 0 =
+# config.batch_size.
+DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "", "batch_size": 0}
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -114,3 +123,26 @@ def evaluate_knn(config, method, params, source: data.Source, *, k: int = 20,
   acc = knn_accuracy(train_feats, train_labels, test_feats, test_labels, source.num_classes,
                      k, temperature)
   return {"knn_top1": acc}
+
+
+class Evaluator(Periodic):
+  """{'top1'}: `evaluate_knn` with the method's current parameters (train split as the memory,
+  eval split scored)."""
+
+  def __init__(self, cfg, ctx: Context):
+    super().__init__(cfg.every_steps, ctx.total_steps)
+    if cfg.k < 1 or cfg.temperature <= 0:
+      raise UserError(f"config.evals knn: k must be >= 1 and temperature > 0, got k={cfg.k}, "
+                      f"temperature={cfg.temperature}")
+    if ctx.source.num_classes < 2:
+      raise UserError(f"a k-NN evaluator needs a labelled dataset; {ctx.source.name} has "
+                      f"{ctx.source.num_classes} classes")
+    ctx.source.check_split(ctx.config.dataset.eval_split)
+    self.cfg, self.ctx = cfg, ctx
+
+  def run(self, state) -> dict[str, float]:
+    c = self.cfg
+    result = evaluate_knn(self.ctx.config, self.ctx.trainable, state.params, self.ctx.source,
+                          k=c.k, temperature=c.temperature, pool=c.pool or None,
+                          batch_size=c.batch_size or None)
+    return {"top1": result["knn_top1"]}

@@ -1,4 +1,4 @@
-"""Reconstruction panels as arrays (numpy only: the training loop's monitor uses them too).
+"""Reconstruction panels as arrays (numpy only: the held-out evaluator and the analysis tool use them).
 
 A method's `reconstruct(params, images, rng)` returns {'pred_pixels': [B, H, W, 3] in the input's
 (dataset-normalized) pixel space, 'mask': [B, H, W, 1], 1 = hidden from the model}. Four panels

@@ -8,13 +8,15 @@ names a method, so adding one needs no edit outside its module and its config.
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 from mae_jax.errors import UserError
 from mae_jax.methods.base import Method
 
 
-def get_method(config) -> Method:
-  """Instantiates `mae_jax.methods.<config.method>.Method(config)`; validates its keys."""
+def get_method(config, total_steps: Optional[int] = None) -> Method:
+  """`mae_jax.methods.<config.method>.Method(config, total_steps)`, its keys validated;
+  `total_steps` is the run's length (None outside a training run)."""
   name = config.method
   if not name or not name.isidentifier() or name == "base":
     raise UserError(f"config.method={name!r} is not a method name")
@@ -25,4 +27,4 @@ def get_method(config) -> Method:
     if e.name == module_name:
       raise UserError(f"unknown method {name!r}: there is no mae_jax/methods/{name}.py") from None
     raise
-  return module.Method(config)
+  return module.Method(config, total_steps)

@@ -65,8 +65,10 @@ class Method(mae.Method):
   (images, ids_keep, ids_restore) and the targets are MAE's, with 16x16 patches.
   """
 
-  def __init__(self, config):
-    base.Method.__init__(self, config)  # not mae.Method's: that one builds a ViT.
+  name = "convmae"
+
+  def __init__(self, config, total_steps=None):
+    base.Method.__init__(self, config, total_steps)  # not mae.Method's: that one builds a ViT.
     encoder = check_model_config(config)
     g = config.image_size // PATCH_SIZE
     self.grid = (g, g)

@@ -26,7 +26,8 @@ from mae_jax import masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
 from mae_jax.methods.mae import check_model_config, vit_features
-from mae_jax.models.vit import Compute, ViT, compute_of, dense_init, run_blocks, token_init
+from mae_jax.models.vit import (Compute, ViT, compute_of, dense_init, gather_tokens, run_blocks,
+                                token_init)
 
 
 def grid_sq_distances(grid: tuple[int, int]) -> np.ndarray:
@@ -109,9 +110,18 @@ class DropPos(nn.Module):
 
   @nn.compact
   def __call__(self, images, ids_keep, pos_mask, train: bool = False):
+    """images [B, H, W, 3], ids_keep [B, M], pos_mask [B, M] (1 = position dropped) -> position
+    logits [B, M, N]."""
     pos_mask_token = self.param("pos_mask_token", token_init, (1, 1, self.encoder.width))
-    x = self.encoder(images, ids_keep, train=train, pos_mask=pos_mask,
-                     pos_mask_token=pos_mask_token)  # [B, 1 + M, D]
+    enc = self.encoder
+    x = enc.embed_patches(images)  # [B, N, D]
+    pos = enc.position_embedding(enc.grid(images.shape[1:3]))  # [1, 1 + N, D]
+    patch_pos = jnp.broadcast_to(pos[:, 1:], x.shape).astype(x.dtype)  # [B, N, D]
+    x, patch_pos = gather_tokens(x, ids_keep), gather_tokens(patch_pos, ids_keep)  # [B, M, D]
+    # The dropped positions: the position mask token instead ([CLS] keeps its own).
+    w = pos_mask.astype(patch_pos.dtype)[:, :, None]  # [B, M, 1]
+    patch_pos = patch_pos * (1.0 - w) + pos_mask_token.astype(patch_pos.dtype) * w
+    x = enc.encode(enc.prepend_cls(x + patch_pos, pos), train)  # [B, 1 + M, D]
     return self.decoder(x)  # [B, M, N]
 
 
@@ -119,12 +129,15 @@ class Method(base.Method):
   """DropPos pretraining: config.model.{variant, drop_path_rate, decoder_*}, config.mask_ratio,
   config.pos_mask_ratio, config.sigma, config.attentive_tau (0 = plain average), config.masking.
 
-  `loss(..., step=None)`: with the training step (and `total_steps`, from config.total_steps or set
-  by the loop) sigma follows its schedule; without, it stays at config.sigma.
+  `loss(..., step=None)`: with the training step (and `total_steps`: the run's length the method
+  is built with, else config.total_steps) sigma follows its schedule; without, it stays at
+  config.sigma.
   """
 
-  def __init__(self, config):
-    super().__init__(config)
+  name = "droppos"
+
+  def __init__(self, config, total_steps=None):
+    super().__init__(config, total_steps)
     encoder, self.grid = check_model_config(config)
     self.num_patches = self.grid[0] * self.grid[1]
     self.num_keep = masking.num_visible(self.num_patches, config.mask_ratio)
@@ -148,8 +161,8 @@ class Method(base.Method):
                               num_heads=m.decoder_heads, num_positions=self.num_patches,
                               compute=compute_of(config))
     self._model = DropPos(encoder=encoder, decoder=decoder)
-    # Steps of the whole run, for the sigma schedule; the loop may set it (it knows the plan).
-    self.total_steps: Optional[int] = config.total_steps or None
+    # Steps of the whole run, for the sigma schedule: the run's plan, else the config's.
+    self.total_steps: Optional[int] = total_steps or config.total_steps or None
 
   @property
   def model(self) -> DropPos:

@@ -131,8 +131,10 @@ def check_model_config(config) -> tuple[ViT, tuple[int, int]]:
 class Method(base.Method):
   """MAE pretraining: config.model.{variant, decoder_*}, config.mask_ratio, config.norm_pix_loss."""
 
-  def __init__(self, config):
-    super().__init__(config)
+  name = "mae"
+
+  def __init__(self, config, total_steps=None):
+    super().__init__(config, total_steps)
     encoder, self.grid = check_model_config(config)
     self.patch_size = encoder.patch_size
     self.num_patches = self.grid[0] * self.grid[1]
@@ -180,7 +182,8 @@ class Method(base.Method):
     """cls token (default, the official linear probe's) or 'avg': mean of the patch tokens."""
     return vit_features(self, params, images, pool, "cls", "MAE")
 
-  def loss(self, params, batch, rng, train=True):
+  def loss(self, params, batch, rng, train=True, step=None):
+    del step
     images = batch["image"]
     pred, mask = self.predict(params, images, rng, train=train)
     target = pixel_targets(images, self.patch_size, self.config.norm_pix_loss)

@@ -2,9 +2,10 @@
 
 Follows the official microsoft/SimMIM ViT path: the mask is drawn on a coarse mask-patch grid (32 px
 at 224: 7x7 cells, ceil(0.6 * 49) = 30 masked) and repeated onto the token grid; a learnable mask
-token replaces the masked patch embeddings inside the encoder, which encodes every token; a linear
-head predicts the p*p*3 pixels of each patch; the loss is L1 on the (ImageNet-normalized) pixels of
-masked patches only, sum(|x - x_hat| * M) / (sum(M) + 1e-5) / 3.
+token replaces the masked patch embeddings (before the position embedding is added) and the
+encoder's blocks see every token; a linear head predicts the p*p*3 pixels of each patch; the loss
+is L1 on the (ImageNet-normalized) pixels of masked patches only,
+sum(|x - x_hat| * M) / (sum(M) + 1e-5) / 3.
 
 Differences from the official model, by choice: our ViT keeps the fixed sin-cos position embedding
 and has no relative position bias or layer scale.
@@ -50,10 +51,18 @@ class SimMIM(nn.Module):
 
   @nn.compact
   def __call__(self, images, patch_mask, train: bool = False):
+    """images [B, H, W, 3], patch_mask [B, L] (1 = masked) -> pixel predictions [B, L, p*p*3]."""
     mask_token = self.param("mask_token", mask_token_init, (1, 1, self.encoder.width))
-    tokens = self.encoder(images, train=train, patch_mask=patch_mask,
-                          mask_token=mask_token)  # [B, 1 + L, D]
-    out_dim = self.encoder.patch_size**2 * 3
+    enc = self.encoder
+    x = enc.embed_patches(images)  # [B, L, D]
+    # Masked patch embeddings -> the mask token, before the position embedding is added (the
+    # official VisionTransformerForSimMIM.forward).
+    w = patch_mask.astype(x.dtype)[:, :, None]  # [B, L, 1]
+    x = x * (1.0 - w) + mask_token.astype(x.dtype) * w
+    pos = enc.position_embedding(enc.grid(images.shape[1:3]))  # [1, 1 + L, D]
+    x = x + jnp.broadcast_to(pos[:, 1:], x.shape).astype(x.dtype)
+    tokens = enc.encode(enc.prepend_cls(x, pos), train)  # [B, 1 + L, D]
+    out_dim = enc.patch_size**2 * 3
     return nn.Dense(out_dim, kernel_init=dense_init, name="head")(tokens[:, 1:])  # [B, L, p*p*3]
 
 
@@ -61,8 +70,10 @@ class Method(base.Method):
   """SimMIM pretraining: config.model.{variant, drop_path_rate}, config.mask_patch_size,
   config.mask_ratio, config.masking ('random' | 'block', both on the mask-patch grid)."""
 
-  def __init__(self, config):
-    super().__init__(config)
+  name = "simmim"
+
+  def __init__(self, config, total_steps=None):
+    super().__init__(config, total_steps)
     try:
       size = parse_variant(config.model.variant)
     except ValueError as e:
@@ -125,7 +136,8 @@ class Method(base.Method):
     its fine-tuning pools the average) or 'cls'."""
     return vit_features(self, params, images, pool, "avg", "SimMIM")
 
-  def loss(self, params, batch, rng, train=True):
+  def loss(self, params, batch, rng, train=True, step=None):
+    del step
     images = batch["image"]  # already normalized with the dataset mean/std (ImageNet's)
     pred, mask = self.predict(params, images, rng, train=train)
     loss = masked_l1(pred, patchify(images, self.patch_size).astype(jnp.float32), mask)

@@ -94,8 +94,10 @@ class Method(base.Method):
   """SplitMask pretraining: config.model.{variant, drop_path_rate, decoder_*},
   config.norm_pix_loss, config.nce_temperature, config.nce_weight, config.masking."""
 
-  def __init__(self, config):
-    super().__init__(config)
+  name = "splitmask"
+
+  def __init__(self, config, total_steps=None):
+    super().__init__(config, total_steps)
     encoder, self.grid = vit_encoder(config)
     self.patch_size = encoder.patch_size
     self.num_patches = self.grid[0] * self.grid[1]
@@ -141,7 +143,8 @@ class Method(base.Method):
     return reconstruction(images, pred_a, 1.0 - split.in_a, self.patch_size, self.grid,
                           self.config.norm_pix_loss)
 
-  def loss(self, params, batch, rng, train=True):
+  def loss(self, params, batch, rng, train=True, step=None):
+    del step
     images = batch["image"]
     split, ((pred_a, x_a), (pred_b, x_b)) = self.forward(params, images, rng, train=train)
     target = pixel_targets(images, self.patch_size, self.config.norm_pix_loss)

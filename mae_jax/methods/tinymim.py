@@ -1,5 +1,5 @@
 """TinyMIM (Ren et al. 2023, "TinyMIM: An Empirical Study of Distilling MIM Pre-trained Models"),
-following OliverRensu/TinyMIM as summarized in REFERENCE.md.
+following the official OliverRensu/TinyMIM code (its relation-distillation loss).
 
 A frozen MIM-pretrained ViT teacher and a small ViT student both see the whole image (no mask;
 the same crop and flip, the student's copy colour-jittered). Relation targets, the paper's best:
@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -40,13 +38,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import tensorflow as tf
 from flax import traverse_util
 
-from mae_jax import optim
-from mae_jax.checkpoint import absolute
-from mae_jax.errors import UserError, first_line
-from mae_jax.evaluate.encoder_init import load_pretrained, stored_shapes
+from mae_jax import optim, workdir as workdirs
+from mae_jax.errors import UserError
 from mae_jax.methods import base
 from mae_jax.methods.mae import vit_encoder, vit_features
 from mae_jax.models.vit import ViT, dense_init
@@ -183,17 +178,11 @@ class Teacher:
 
 def read_teacher_config(workdir: str) -> ml_collections.ConfigDict:
   """TEACHER/config.json, the resolved config every pretraining run (and an import) writes."""
-  if not tf.io.gfile.exists(workdir):
-    raise UserError(f"config.teacher.workdir={workdir} does not exist")
-  path = os.path.join(workdir, "config.json")
-  if not tf.io.gfile.exists(path):
-    raise UserError(f"config.teacher.workdir={workdir} has no config.json: the teacher must be a "
-                    "pretraining workdir (ours, `python -m mae_jax.convert import`, or TinyMIM)")
-  with tf.io.gfile.GFile(path) as f:
-    try:
-      return ml_collections.ConfigDict(json.load(f))
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path} is not valid JSON: {first_line(e)}") from None
+  try:
+    return workdirs.read_config(workdir, "a pretraining workdir (ours, `python -m mae_jax.convert "
+                                "import`, or TinyMIM)")
+  except UserError as e:
+    raise UserError(f"config.teacher.workdir: {e}") from None
 
 
 def teacher_encoder(pre: ml_collections.ConfigDict, workdir: str) -> ViT:
@@ -218,7 +207,7 @@ def stored_encoder_shapes(workdir: str, step: Optional[int]) -> tuple[int, dict[
   `step` (None: the latest) of `workdir`, from Orbax metadata only (no array is read)."""
   where = f"config.teacher.workdir={workdir} (config.teacher.step={step or 0})"
   try:
-    step, shapes = stored_shapes(workdir, "params", step)
+    step, shapes = workdirs.stored_shapes(workdir, "params", step)
   except UserError as e:
     raise UserError(f"{where}: {e}") from None
   encoder = {k[len("encoder/"):]: v for k, v in shapes.items() if k.startswith("encoder/")}
@@ -230,7 +219,7 @@ def stored_encoder_shapes(workdir: str, step: Optional[int]) -> tuple[int, dict[
 def load_teacher(t_cfg, student: ViT, image_size: int) -> Teacher:
   """Validates config.teacher against the student and reads what the teacher is (its config and
   checkpoint metadata, no weights). UserError (one line) for anything that does not fit."""
-  workdir = absolute(t_cfg.workdir)
+  workdir = workdirs.absolute(t_cfg.workdir)
   pre = read_teacher_config(workdir)
   if pre.get("task", "pretrain") != "pretrain":
     raise UserError(f"config.teacher.workdir={workdir} is a {pre.get('task')!r} workdir; the "
@@ -262,13 +251,13 @@ def load_teacher(t_cfg, student: ViT, image_size: int) -> Teacher:
                          num_classes=0, learnable_pos_embed="pos_embed" in stored,
                          **_sowing_compute(encoder, t_cfg.dtype))
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  want = jax.eval_shape(module.init, jax.random.PRNGKey(0), images)["params"]
-  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(want, sep="/").items()}
-  bad = [f"{k} {stored.get(k)} vs {v}" for k, v in want.items() if stored.get(k) != v]
-  if bad:
+  want = workdirs.flat_shapes(jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                                             images)["params"])
+  # Only the first `layer` blocks are built: the checkpoint may hold more (never fewer).
+  problem = workdirs.describe_mismatch(want, {k: v for k, v in stored.items() if k in want})
+  if problem:
     raise UserError(f"teacher checkpoint {workdir} step {step} does not fit its config "
-                    f"{pre.model.variant}: {', '.join(bad[:3])}"
-                    + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+                    f"{pre.model.variant}: {problem}")
   return Teacher(workdir=workdir, step=step, method=str(pre.get("method")),
                  variant=str(pre.model.variant), depth=depth, layer=layer,
                  dtype=DTYPES[t_cfg.dtype], module=module)
@@ -315,8 +304,10 @@ class Method(base.Method):
   """TinyMIM distillation: config.model.{variant, drop_path_rate} (the student),
   config.teacher.{workdir, step, layer, dtype}, config.targets, config.color_jitter."""
 
-  def __init__(self, config):
-    super().__init__(config)
+  name = "tinymim"
+
+  def __init__(self, config, total_steps=None):
+    super().__init__(config, total_steps)
     self._encoder, self.grid = vit_encoder(config)
     if config.get("compute") is not None and config.compute.get("scan"):
       raise UserError("config.compute.scan=True: TinyMIM reads q, k, v of the student's last "
@@ -368,7 +359,7 @@ class Method(base.Method):
 
   def initial_weights(self, params, model_state):
     t = self.teacher
-    loaded, _ = load_pretrained(t.workdir, t.step)
+    loaded, _ = workdirs.load_params(t.workdir, t.step)
     encoder = traverse_util.flatten_dict(loaded["encoder"], sep="/")
     want = traverse_util.flatten_dict(model_state["teacher"], sep="/")
     teacher = traverse_util.unflatten_dict({k: encoder[k] for k in want}, sep="/")
@@ -418,9 +409,10 @@ class Method(base.Method):
       out["tokens"] = block["__call__"][0]
     return jax.lax.stop_gradient(out)
 
-  def loss(self, params, batch, rng, train=True, teacher_params=None):
+  def loss(self, params, batch, rng, train=True, step=None, teacher_params=None):
     """(loss, metrics) of the student `params` against the frozen teacher's `teacher_params`
     (the model state's 'teacher'; required)."""
+    del step
     if teacher_params is None:
       raise ValueError("TinyMIM's loss needs teacher_params (the training loop passes "
                        "model_state['teacher'] through train_loss)")
@@ -449,10 +441,13 @@ class Method(base.Method):
     return loss, {"loss": loss, **metrics}
 
   def train_loss(self, params, model_state, batch, rng, step):
-    del step
-    loss, metrics = self.loss(params, batch, rng, train=True,
+    loss, metrics = self.loss(params, batch, rng, train=True, step=step,
                               teacher_params=model_state["teacher"])
     return loss, (metrics, model_state)
+
+  def eval_metrics(self, params, model_state, batch, rng, step):
+    return self.loss(params, batch, rng, train=False, step=step,
+                     teacher_params=model_state["teacher"])[1]
 
 
 def _sowing_compute(encoder: ViT, dtype: str) -> dict:

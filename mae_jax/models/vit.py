@@ -80,6 +80,46 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np
   return emb.astype(np.float32)
 
 
+def _cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """[M] fractions -> [M, 4] weights of taps -1, 0, 1, 2 (Keys' cubic kernel, torch's a = -0.75)."""
+  x = np.abs(np.stack([t + 1, t, 1 - t, 2 - t], axis=-1))
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, far)
+
+
+def _resize_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+  """Bicubic resampling of one axis to `size` samples, align_corners=False, edges clamped (as
+  torch's upsample_bicubic2d)."""
+  n = x.shape[axis]
+  src = (np.arange(size) + 0.5) * (n / size) - 0.5  # align_corners=False
+  i0 = np.floor(src).astype(np.int64)
+  w = _cubic(src - i0)  # [size, 4]
+  out = 0.0
+  for k in range(4):
+    taps = np.take(x, np.clip(i0 + k - 1, 0, n - 1), axis=axis)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    out = out + taps * w[:, k].reshape(shape)
+  return out
+
+
+def resample_pos_embed(pos: np.ndarray, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                       num_extra: int) -> np.ndarray:
+  """[1, num_extra + gh*gw, D] -> [1, num_extra + gh'*gw', D] float32: bicubic on the (h, w) grid
+  as torch's `F.interpolate(mode='bicubic', align_corners=False)` in the official MAE
+  `interpolate_pos_embed` (fine-tuning at another resolution); the extra (cls) tokens are kept
+  as they are. ValueError when the token count does not match `old_grid`."""
+  pos = np.asarray(pos, np.float64)
+  extra, grid = pos[:, :num_extra], pos[:, num_extra:]
+  d = grid.shape[-1]
+  if grid.shape[1] != old_grid[0] * old_grid[1]:
+    raise ValueError(f"pos_embed has {grid.shape[1]} grid tokens, not {old_grid[0]}x{old_grid[1]}")
+  grid = grid.reshape(old_grid[0], old_grid[1], d)
+  grid = _resize_axis(_resize_axis(grid, new_grid[0], 0), new_grid[1], 1)
+  return np.concatenate([extra, grid.reshape(1, -1, d)], axis=1).astype(np.float32)
+
+
 class PatchEmbed(nn.Module):
   """Non-overlapping p x p patches -> tokens: [B, H, W, C] -> [B, H/p * W/p, D]."""
   width: int
@@ -164,13 +204,15 @@ class Block(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Compute:
-  """How blocks are computed; none of it changes the parameters or (beyond float rounding) the
-  result. `dtype`: the activations' dtype (parameters stay float32: `cast_params` makes the
+  """How blocks are computed; none of it changes the initial weights or (beyond float rounding)
+  the result. `dtype`: the activations' dtype (parameters stay float32: `cast_params` makes the
   compute copy inside the step); `remat`: recompute each block's activations in the backward
-  pass instead of storing them; `scan`: run the blocks as one `lax.scan` over their stacked
-  parameters, so compile time does not grow with depth. Parameters keep the per-block layout
-  (`blocks_0`, `blocks_1`, ...) either way: checkpoints, conversion and fine-tuning never see
-  the difference. Under scan, blocks sow no intermediates: analysis runs without it."""
+  pass instead of storing them; `scan`: run the blocks as one `lax.scan` over stacked
+  parameters, so compile time does not grow with depth. Initialization runs unrolled either way
+  (`blocks_0`, `blocks_1`, ...); a scan run's training state then holds the blocks stacked
+  (`stack_blocks`: one subtree `blocks` with a leading depth axis) and readers of its
+  checkpoints unstack them (`unstack_blocks`). Under scan, blocks sow no intermediates: analysis
+  runs without it."""
   dtype: str = "float32"
   remat: bool = False
   scan: bool = False
@@ -246,13 +288,14 @@ def unstack_blocks(params):
 def run_blocks(module: nn.Module, x, *, prefix: str, num_heads: int, mlp_ratio: float,
                rates, train: bool, compute: Compute):
   """Applies `Block`s `{prefix}_0 .. {prefix}_{n-1}` (n = len(rates), drop-path rate per block)
-  of `module` (called from its compact `__call__`) to x [B, N, D].
+  of `module` (called from its compact method) to x [B, N, D].
 
   Unrolled: one submodule per block (wrapped in nn.remat with compute.remat). Scanned: one block
   body runs under `lax.scan` (under `jax.checkpoint` with remat) over the stacked parameters
-  `module`'s tree holds as `{prefix}` (`stack_blocks` layout), or stacks `{prefix}_i` on the fly
-  when given the per-block layout. Initialization always runs unrolled, so both forms start from
-  the same weights (the loop then stacks them once).
+  `module`'s tree holds as `{prefix}` (`stack_blocks` layout, a scan run's training state), or
+  over `{prefix}_i` stacked on the fly when given the per-block layout (a scan-configured model
+  applied to a fresh init or to a checkpoint read back per block, e.g. the k-NN task on a scan
+  run's workdir). Initialization always runs unrolled, so both forms start from the same weights.
   """
   depth = len(rates)
   deterministic = not train
@@ -288,16 +331,49 @@ def gather_tokens(x, ids):
   return jnp.take_along_axis(x, ids[:, :, None], axis=1)
 
 
+class _OwnParam(nn.Module):
+  """One parameter of the parent's own scope (attach with `nn.share_scope`), created on the first
+  `create` rather than in the parent's `setup`: its shape may follow the input (`pos_embed`), and
+  the parent's parameters draw their init RNGs in call order, as they would in a compact
+  `__call__`. (The method is not `__call__`, so `capture_intermediates` never records it.)"""
+  param_name: str
+
+  @nn.compact
+  def create(self, init_fn, *init_args) -> jax.Array:
+    return self.param(self.param_name, init_fn, *init_args)
+
+
+class _Blocks(nn.Module):
+  """`run_blocks` in the parent's own scope (attach with `nn.share_scope`): the blocks are the
+  ViT's `blocks_{i}` (or its stacked `blocks` under compute.scan), with the stochastic depth rule
+  of timm (rates linear from 0 to drop_path_rate)."""
+  depth: int
+  num_heads: int
+  mlp_ratio: float
+  drop_path_rate: float
+  compute: Compute
+
+  @nn.compact
+  def run(self, x: jax.Array, train: bool) -> jax.Array:
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    return run_blocks(self, x, prefix="blocks", num_heads=self.num_heads,
+                      mlp_ratio=self.mlp_ratio, rates=rates, train=train, compute=self.compute)
+
+
 class ViT(nn.Module):
   """ViT encoder with cls token and 2-D sin-cos position embedding; optionally a classifier.
 
-  `__call__(images, ids_keep)`: images [B, H, W, 3] (NHWC, normalized). If `ids_keep` [B, M] is
-  given only those patch tokens are encoded (MAE's asymmetric encoder); position embeddings are
-  gathered with the tokens and the cls token is prepended after the gather, as in the official MAE.
-  Two hooks for other methods (both tokens are arrays owned by the caller's params, so the encoder's
-  parameter tree stays the plain ViT one): `patch_mask` [B, N] replaces those patch embeddings by
-  `mask_token` [1, 1, D] before the position embedding is added (SimMIM); `pos_mask` [B, M] (on
-  the kept tokens) replaces their position embedding by `pos_mask_token` [1, 1, D] (DropPos).
+  `__call__(images, ids_keep=None, train=False)`: images [B, H, W, 3] (NHWC, normalized). If
+  `ids_keep` [B, M] is given only those patch tokens are encoded (MAE's asymmetric encoder):
+  position embeddings are gathered with the tokens and the cls token is prepended after the
+  gather, as in the official MAE. `__call__` is the composition of public stages, which methods
+  that edit the tokens (SimMIM's mask token, DropPos's position mask token) call themselves, so
+  the encoder knows no method and its parameter tree stays the plain ViT one:
+    embed_patches(images)     -> [B, N, D] patch embeddings in the compute dtype
+    position_embedding(grid)  -> [1, 1 + N, D] (row 0: the cls token's)
+    (patch tokens + their position embedding, gathered or edited by the caller)
+    prepend_cls(x, pos)       -> [B, 1 + M, D] with cls_token + pos[:, :1] in front
+    encode(x, train)          -> the blocks, then the pooling / head below
 
   Output by `global_pool` (timm's names):
     ''       final-normed tokens [B, 1 + M, D] (cls first): the pretraining encoder.
@@ -332,44 +408,108 @@ class ViT(nn.Module):
     h, w = image_hw
     return h // self.patch_size, w // self.patch_size
 
-  @nn.compact
-  def __call__(self, images, ids_keep: Optional[jax.Array] = None, train: bool = False,
-               patch_mask: Optional[jax.Array] = None, mask_token: Optional[jax.Array] = None,
-               pos_mask: Optional[jax.Array] = None, pos_mask_token: Optional[jax.Array] = None):
+  def setup(self):
     if self.global_pool not in ("", "token", "avg"):
       raise ValueError(f"ViT global_pool must be '', 'token' or 'avg', got {self.global_pool!r}")
-    gh, gw = self.grid(images.shape[1:3])
-    images = images.astype(self.compute.jnp_dtype)
-    x = PatchEmbed(self.width, self.patch_size, name="patch_embed")(images)  # [B, N, D]
-    pos = sincos_2d(self.width, gh, gw, cls_token=True)[None]  # [1, 1 + N, D], a constant.
+    if self.num_classes and not self.global_pool:
+      raise ValueError("a ViT with num_classes > 0 needs global_pool 'token' or 'avg'")
+    self.patch_embed = PatchEmbed(self.width, self.patch_size)
+    # pos_embed, cls_token and the blocks live in the ViT's own scope (as in a compact module),
+    # created on first use: the learnable pos_embed before cls_token, so their init RNGs (drawn
+    # in order from this scope) are those of the unsplit encoder.
     if self.learnable_pos_embed:
-      pos = self.param("pos_embed", lambda *_: jnp.asarray(pos), None)
-    if patch_mask is not None:  # SimMIM: masked patch embeddings -> the mask token.
-      w = patch_mask.astype(x.dtype)[:, :, None]  # [B, N, 1]
-      x = x * (1.0 - w) + mask_token.astype(x.dtype) * w
+      self._pos_embed = _OwnParam("pos_embed")
+      nn.share_scope(self, self._pos_embed)
+    self._cls_token = _OwnParam("cls_token")
+    nn.share_scope(self, self._cls_token)
+    self._blocks = _Blocks(self.depth, self.num_heads, self.mlp_ratio, self.drop_path_rate,
+                           self.compute)
+    nn.share_scope(self, self._blocks)
+    if self.global_pool == "avg":
+      self.fc_norm = nn.LayerNorm(epsilon=1e-6)
+    else:
+      self.norm = nn.LayerNorm(epsilon=1e-6)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.head_init_std))
+
+  def embed_patches(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] -> patch embeddings [B, N, D] (row-major), in the compute dtype."""
+    return self.patch_embed(images.astype(self.compute.jnp_dtype))
+
+  def position_embedding(self, grid: tuple[int, int]) -> jax.Array:
+    """[1, 1 + gh*gw, D] float32 for the token grid (gh, gw), row 0 the cls token's: the sin-cos
+    constant, or with learnable_pos_embed the `pos_embed` parameter it initializes."""
+    pos = sincos_2d(self.width, *grid, cls_token=True)[None]
+    if self.learnable_pos_embed:
+      return self._pos_embed.create(lambda *_: jnp.asarray(pos), None)
+    return pos
+
+  def prepend_cls(self, x: jax.Array, pos: jax.Array) -> jax.Array:
+    """x [B, M, D] (patch tokens with their position embedding) -> [B, 1 + M, D]: cls_token +
+    pos[:, :1] in front, in x's dtype."""
+    cls = self._cls_token.create(token_init, (1, 1, self.width))
+    cls = (cls + pos[:, :1]).astype(x.dtype)
+    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
+
+  def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Tokens [B, 1 + M, D] (cls first) -> the blocks, then the output of `global_pool` and the
+    head (see the class docstring)."""
+    x = self._blocks.run(x, train)
+    if self.global_pool == "avg":
+      x = self.fc_norm(x[:, 1:].mean(axis=1))  # [B, D]
+    else:
+      x = self.norm(x)
+      if self.global_pool == "token":
+        x = x[:, 0]  # [B, D]
+    if self.num_classes:
+      x = self.head(x)
+    return x
+
+  def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None,
+               train: bool = False) -> jax.Array:
+    x = self.embed_patches(images)  # [B, N, D]
+    pos = self.position_embedding(self.grid(images.shape[1:3]))  # [1, 1 + N, D]
     patch_pos = jnp.broadcast_to(pos[:, 1:], x.shape).astype(x.dtype)  # [B, N, D]
     if ids_keep is not None:
       x = gather_tokens(x, ids_keep)  # [B, N_vis, D]
       patch_pos = gather_tokens(patch_pos, ids_keep)
-    if pos_mask is not None:  # DropPos: these tokens get the position mask token instead.
-      w = pos_mask.astype(patch_pos.dtype)[:, :, None]  # [B, N_vis, 1]
-      patch_pos = patch_pos * (1.0 - w) + pos_mask_token.astype(patch_pos.dtype) * w
-    x = x + patch_pos.astype(x.dtype)
-    cls = self.param("cls_token", token_init, (1, 1, self.width))
-    cls = (cls + pos[:, :1]).astype(x.dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)
-    rates = np.linspace(0.0, self.drop_path_rate, self.depth)  # stochastic depth rule of timm.
-    x = run_blocks(self, x, prefix="blocks", num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                   rates=rates, train=train, compute=self.compute)
-    if self.global_pool == "avg":
-      x = nn.LayerNorm(epsilon=1e-6, name="fc_norm")(x[:, 1:].mean(axis=1))  # [B, D]
-    else:
-      x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
-      if self.global_pool == "token":
-        x = x[:, 0]  # [B, D]
-    if self.num_classes:
-      if not self.global_pool:
-        raise ValueError("a ViT with num_classes > 0 needs global_pool 'token' or 'avg'")
-      x = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(self.head_init_std),
-                   name="head")(x)
-    return x
+    x = self.prepend_cls(x + patch_pos, pos)
+    return self.encode(x, train)
+
+
+def _cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """[M] fractions -> [M, 4] weights of taps -1, 0, 1, 2 (Keys kernel, torch's a = -0.75)."""
+  x = np.abs(np.stack([t + 1, t, 1 - t, 2 - t], axis=-1))
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, far)
+
+
+def _resize_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
+  n = x.shape[axis]
+  src = (np.arange(size) + 0.5) * (n / size) - 0.5  # align_corners=False
+  i0 = np.floor(src).astype(np.int64)
+  w = _cubic(src - i0)  # [size, 4]
+  out = 0.0
+  for k in range(4):
+    taps = np.take(x, np.clip(i0 + k - 1, 0, n - 1), axis=axis)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    out = out + taps * w[:, k].reshape(shape)
+  return out
+
+
+def resample_pos_embed(pos: np.ndarray, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                       num_extra: int) -> np.ndarray:
+  """[1, extra + gh*gw, D] -> [1, extra + gh'*gw', D]: bicubic on the (h, w) grid as torch's
+  `F.interpolate(mode='bicubic', align_corners=False)` in the official MAE
+  `util/pos_embed.py` `interpolate_pos_embed`; the extra (cls) tokens are kept as they are.
+  ValueError when the token count is not `old_grid`'s."""
+  pos = np.asarray(pos, np.float64)
+  extra, grid = pos[:, :num_extra], pos[:, num_extra:]
+  d = grid.shape[-1]
+  if grid.shape[1] != old_grid[0] * old_grid[1]:
+    raise ValueError(f"pos_embed has {grid.shape[1]} grid tokens, not {old_grid[0]}x{old_grid[1]}")
+  grid = grid.reshape(old_grid[0], old_grid[1], d)
+  grid = _resize_axis(_resize_axis(grid, new_grid[0], 0), new_grid[1], 1)
+  return np.concatenate([extra, grid.reshape(1, -1, d)], axis=1).astype(np.float32)

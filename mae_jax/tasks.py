@@ -1,0 +1,147 @@
+"""The tasks `config.task` names. Each builds its trainable and its evaluators and hands them to
+the one training loop (`train.train_and_evaluate`); 'knn' scores a pretrained encoder once.
+
+  pretrain   the method of config.method (`mae_jax.methods`)
+  finetune   `mae_jax.evaluate.finetune.Finetune` on config.init_from's encoder
+  linprobe   `mae_jax.evaluate.linprobe.LinearProbe` on config.init_from's frozen encoder
+  knn        k-NN top-1 of config.init_from's encoder (or a random one), WORKDIR/knn.json
+
+Every problem found in the config, the data or a pretrained workdir is a UserError raised before
+the workdir is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import jax
+import tensorflow as tf
+
+from mae_jax import configlib, data, evaluators, train
+from mae_jax import workdir as workdirs
+from mae_jax.errors import UserError
+from mae_jax.evaluate import classifier
+from mae_jax.evaluate.finetune import Finetune
+from mae_jax.evaluate.linprobe import LinearProbe
+from mae_jax.evaluators.knn import evaluate_knn
+from mae_jax.methods import get_method
+from mae_jax.metric_writers import MetricWriter
+
+
+def _run(config, workdir: str, build: Callable, devices, stop_at_step) -> dict:
+  """Validates, builds `build(config, setup) -> trainable` and the evaluators, trains."""
+  configlib.check_legacy_keys(config)
+  evaluators.check_config(config)
+  setup = train.prepare(config, devices)
+  trainable = build(config, setup)
+  ctx = evaluators.Context(config=config, trainable=trainable, source=setup.source,
+                           mesh=setup.mesh, total_steps=setup.plan.total_steps,
+                           steps_per_epoch=setup.plan.steps_per_epoch)
+  return train.train_and_evaluate(config, workdirs.absolute(workdir), trainable,
+                                  evaluators.build(config, ctx), setup, stop_at_step)
+
+
+def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
+             stop_at_step: Optional[int] = None) -> dict:
+  """Pretrains config.method in `workdir` (resuming it)."""
+  return _run(config, workdir, lambda c, s: get_method(c, s.plan.total_steps), devices,
+              stop_at_step)
+
+
+def _classification(task_class) -> Callable:
+  def run(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
+          stop_at_step: Optional[int] = None) -> dict:
+    if config.task != task_class.name:
+      raise UserError(f"config.task={config.task!r}; this runs {task_class.name!r}")
+    pretrained = classifier.pretrained_run(config)  # resolves config.image_size 0.
+    classifier.check_task_keys(config)
+
+    def build(c, setup):
+      return task_class(c, setup.plan.total_steps, pretrained,
+                        classifier.num_classes_of(setup.source, c.task))
+
+    out = _run(config, workdir, build, devices, stop_at_step)
+    _write_summary(config, workdirs.absolute(workdir), out["history"])
+    return out
+
+  run.__doc__ = f"`config.task='{task_class.name}'`: trains, evaluates, keeps last and best."
+  return run
+
+
+finetune = _classification(Finetune)
+linprobe = _classification(LinearProbe)
+
+
+def _write_summary(config, workdir: str, history: list[dict]) -> None:
+  """WORKDIR/<task>.json: the last and the best evaluation by config.best_metric."""
+  key = config.best_metric
+  evals = [h for h in history if key and key in h]
+  if jax.process_index() != 0 or not evals:
+    return
+  best = max(evals, key=lambda h: h[key])
+  summary = {"task": config.task, "init_from": config.init_from,
+             "random_init": bool(config.random_init), "metric": key, "last": evals[-1],
+             "best": best}
+  with tf.io.gfile.GFile(os.path.join(workdir, f"{config.task}.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  print(f"{config.task}: {key} {evals[-1][key]:.4f} at the end, best {best[key]:.4f} (step "
+        f"{best['step']})", flush=True)
+
+
+def knn(config, workdir: str) -> dict:
+  """`config.task='knn'`: k-NN top-1 of config.init_from's encoder (config.random_init: of a
+  fresh one), scored with this config's data and config.knn; WORKDIR/knn.json."""
+  if not config.init_from:
+    raise UserError("config.init_from=PRETRAIN_WORKDIR is required")
+  pre = workdirs.read_config(config.init_from, "a pretraining workdir (config.init_from)")
+  with pre.unlocked():  # the pretrained model, scored with this config's data.
+    pre.dataset = config.dataset
+    if config.image_size:
+      pre.image_size = config.image_size
+  method = get_method(pre)
+  source = data.get_source(config.dataset)
+  if source.num_classes < 2:
+    raise UserError(f"k-NN needs a labelled dataset; {source.name} has {source.num_classes} "
+                    "classes")
+  for split in (config.dataset.train_split, config.dataset.eval_split):
+    source.check_split(split)
+  images = jax.numpy.zeros((1, pre.image_size, pre.image_size, 3))
+  fresh = method.init_params(jax.random.PRNGKey(config.seed), images)
+  if config.random_init:
+    params, step = fresh, None
+  else:
+    loaded, meta = workdirs.load_params(config.init_from, config.init_step or None)
+    where = f"checkpoint of {config.init_from}"
+    # Only the encoder matters (features); encoder-only imports have no decoder.
+    encoder = workdirs.subtree(loaded, method.encoder_key, where)
+    workdirs.check_fits(fresh[method.encoder_key], encoder, where)
+    params, step = {**fresh, method.encoder_key: encoder}, meta.get("step")
+  workdir = workdirs.absolute(workdir)
+  train.check_workdir(workdir)
+  k = config.knn
+  result = evaluate_knn(pre, method, params, source, k=k.k, temperature=k.temperature,
+                        pool=k.pool or None, batch_size=config.batch_size)
+  result = {**result, "k": k.k, "temperature": k.temperature, "init_from": config.init_from,
+            "pretrain_step": step, "random_init": bool(config.random_init),
+            "method": pre.method}
+  with tf.io.gfile.GFile(os.path.join(workdir, "knn.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write(step or 0, {"knn_top1": result["knn_top1"]})
+  writer.close()
+  origin = "random init" if config.random_init else f"step {step}"
+  print(f"k-NN top-1 {result['knn_top1']:.4f} ({pre.method} {origin}, k={k.k}, "
+        f"T={k.temperature})", flush=True)
+  return result
+
+
+TASKS = {"pretrain": pretrain, "finetune": finetune, "linprobe": linprobe, "knn": knn}
+
+
+def run(config, workdir: str, **kwargs) -> dict:
+  """Runs config.task in `workdir` (`kwargs`: devices, stop_at_step for the training tasks)."""
+  if config.task not in TASKS:
+    raise UserError(f"unknown config.task {config.task!r}; one of {sorted(TASKS)}")
+  return TASKS[config.task](config, workdir, **kwargs)
