@@ -50,6 +50,21 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
               stop_at_step)
 
 
+DOWNSTREAM = {"finetune": Finetune, "linprobe": LinearProbe}
+
+
+def downstream_trainable(config, total_steps: Optional[int] = None):
+  """The Finetune / LinearProbe trainable `config.task` names, outside a run (notebooks, tests):
+  the pretrained run of config.init_from, the classes of config.dataset."""
+  if config.task not in DOWNSTREAM:
+    raise UserError(f"config.task must be one of {sorted(DOWNSTREAM)}, got {config.task!r}")
+  pretrained = classifier.pretrained_run(config)
+  classifier.check_task_keys(config)
+  source = data.get_source(config.dataset)
+  return DOWNSTREAM[config.task](config, total_steps, pretrained,
+                                 classifier.num_classes_of(source, config.task))
+
+
 def _classification(task_class) -> Callable:
   def run(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
           stop_at_step: Optional[int] = None) -> dict:

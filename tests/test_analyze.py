@@ -1,5 +1,5 @@
 """mae_jax.analyze: attention metrics on hand-built maps, reconstructions, figures from a tiny
-pretrained MAE, the CLI's errors, and the training loop's held-out monitor."""
+pretrained MAE, the CLI's errors, and the held-out evaluator (mae_jax.evaluators.heldout)."""
 
 import glob
 import json
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mae_jax import configlib, data, tasks, train
+from mae_jax import data, evaluators, tasks, train
 from mae_jax.analyze import __main__ as analyze_main
-from mae_jax.analyze import images as image_panels
 from mae_jax.analyze import metrics, plots, run
-from mae_jax.analyze.monitor import IMAGE_TAG, Monitor
 from mae_jax.errors import UserError
+from mae_jax.evaluators import heldout as heldout_eval
+from mae_jax.evaluators import panels as image_panels
 from mae_jax.methods import get_method, mae
 from conftest import REPO, small_config
 
@@ -37,10 +37,11 @@ def _tensorboard_images(workdir):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, digits_data_dir):
-  """A 2-step MAE run (Mu/4 at 16 px, 2 devices) with the monitor on at step 2."""
+  """A 2-step MAE run (Mu/4 at 16 px, 2 devices) with the held-out evaluator on at step 2."""
   workdir = str(tmp_path_factory.mktemp("analyze_mae"))
   config = small_config(digits_data_dir, total_steps=2, **{
-      "monitor.every_steps": 2, "monitor.heldout_batches": 2, "monitor.num_images": 3})
+      "evals.heldout.every_steps": 2, "evals.heldout.batches": 2,
+      "evals.heldout.num_images": 3})
   out = tasks.pretrain(config, workdir, devices=jax.devices()[:2])
   return {"workdir": workdir, "config": config, "out": out}
 
@@ -218,21 +219,20 @@ def test_panels_paste_visible_patches_back():
   assert grid.shape == (4 * 9 - 1, 1 * 9 - 1, 3) and grid.dtype == np.uint8
 
 
-# ----------------------------------------------------------------------------- held-out monitor
+# ----------------------------------------------------------------------------- held-out evaluator
 
 
 def test_heldout_loss_is_logged_beside_the_loss_and_matches_a_direct_evaluation(pretrained):
   workdir, config, out = pretrained["workdir"], pretrained["config"], pretrained["out"]
   records = train.read_metrics(workdir)
-  heldout = [r for r in records if "heldout_loss" in r]
+  heldout = [r for r in records if "heldout/loss" in r]
   assert [r["step"] for r in heldout] == [2]
   assert any("loss" in r and r["step"] == 2 for r in records)
   # The same number without the loop: the method's loss (train=False) on the split's first two
-  # batches, the monitor's fixed keys, on one device.
+  # batches, the evaluator's fixed keys, on one device.
   method = get_method(config)
   source = data.get_source(config.dataset)
-  mesh = train.make_mesh(jax.devices()[:1])
-  monitor = Monitor(config, method, source, mesh, total_steps=2)
+  monitor = _heldout(config, method, total_steps=2)
   params = jax.device_get(out["state"].params)
   batches = data.eval_batches(source, config.dataset, split="validation", image_size=16,
                               global_batch_size=32)
@@ -240,42 +240,44 @@ def test_heldout_loss_is_logged_beside_the_loss_and_matches_a_direct_evaluation(
   losses = [float(loss_fn(params, next(batches)["image"], jax.random.fold_in(monitor.loss_key, i)))
             for i in range(2)]
   batches.close()
-  assert heldout[0]["heldout_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
-  assert out["history"][-1] == {"step": 2, "heldout_loss": heldout[0]["heldout_loss"]}
+  assert heldout[0]["heldout/loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+  assert out["history"][-1] == {"step": 2, "heldout/loss": heldout[0]["heldout/loss"]}
 
 
 def test_reconstruction_images_reach_tensorboard(pretrained):
   found = _tensorboard_images(pretrained["workdir"])
-  assert [(step, tag) for step, tag, _ in found] == [(2, IMAGE_TAG)]
+  assert [(step, tag) for step, tag, _ in found] == [(2, "heldout/" + heldout_eval.IMAGE_TAG)]
   image = found[0][2]
   # 4 rows of panels, 3 images, 16 px images upscaled x4 with 2 px gaps.
   assert image.shape == (4 * 66 - 2, 3 * 66 - 2, 3)
   assert image.std() > 0
 
 
-def test_monitor_cadence_and_config_checks(digits_data_dir):
-  config = small_config(digits_data_dir, **{"monitor.every_steps": 3})
-  monitor = Monitor(config, get_method(config), data.get_source(config.dataset),
-                    train.make_mesh(jax.devices()[:1]), total_steps=7)
+def _heldout(config, method, total_steps, devices=1):
+  """The held-out evaluator of config.evals.heldout, outside a run."""
+  cfg = config.evals.heldout
+  ctx = evaluators.Context(config=config, trainable=method, source=data.get_source(config.dataset),
+                           mesh=train.make_mesh(jax.devices()[:devices]), total_steps=total_steps,
+                           steps_per_epoch=46)
+  return heldout_eval.Evaluator(cfg, ctx)
+
+
+def test_heldout_cadence_and_config_checks(digits_data_dir):
+  config = small_config(digits_data_dir, **{"evals.heldout.every_steps": 3})
+  monitor = _heldout(config, get_method(config), total_steps=7)
   assert [s for s in range(1, 8) if monitor.due(s)] == [3, 6, 7]
-  assert monitor.num_batches == 300 // 32  # heldout_batches 0: every full batch
-  short = Monitor(config, get_method(config), data.get_source(config.dataset),
-                  train.make_mesh(jax.devices()[:1]), total_steps=2)
-  assert not any(short.due(s) for s in (1, 2))  # runs shorter than one period: no monitor
-  for key, value, match in (("monitor.every_steps", -1, "must be >= 0"),
-                            ("monitor.num_images", -2, "must be >= 0")):
-    with pytest.raises(UserError, match=match):
-      configlib.validate_common(small_config(digits_data_dir, **{key: value}))
-  c = small_config(digits_data_dir, **{"monitor.every_steps": 5})
-  c.task = "finetune"
-  with pytest.raises(UserError, match="config.monitor is for pretraining"):
-    configlib.validate_common(c)
+  assert monitor.num_batches == 300 // 32  # batches 0: every full batch
+  short = _heldout(config, get_method(config), total_steps=2)
+  assert not any(short.due(s) for s in (1, 2))  # runs shorter than one period: not run
+  bad = small_config(digits_data_dir, **{"evals.heldout.num_images": -2})
+  with pytest.raises(UserError, match="must be >= 0"):
+    _heldout(bad, get_method(bad), 2)
   with pytest.raises(UserError, match="has no split 'nope'"):
-    Monitor(small_config(digits_data_dir, **{"dataset.eval_split": "nope"}), get_method(config),
-            data.get_source(config.dataset), train.make_mesh(jax.devices()[:1]), 2)
+    c = small_config(digits_data_dir, **{"dataset.eval_split": "nope"})
+    _heldout(c, get_method(config), 2)
   with pytest.raises(UserError, match="fewer images per process than one batch"):
-    Monitor(small_config(digits_data_dir, batch_size=512), get_method(config),
-            data.get_source(config.dataset), train.make_mesh(jax.devices()[:1]), 2)
+    c = small_config(digits_data_dir, batch_size=512)
+    _heldout(c, get_method(c), 2)
 
 
 # ----------------------------------------------------------------------------- every method's hooks
@@ -295,7 +297,7 @@ def test_every_method_has_a_heldout_loss_and_its_analyses(name):
   images = jnp.zeros((2, size, size, 3))
   params = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
   key = jax.random.PRNGKey(1)
-  heldout = jax.eval_shape(method.heldout_metrics, params, {}, {"image": images}, key,
+  heldout = jax.eval_shape(method.eval_metrics, params, {}, {"image": images}, key,
                            jnp.zeros((), jnp.int32))
   assert heldout["loss"].shape == ()
   fits = run.applicable(method)
@@ -318,25 +320,16 @@ def test_every_method_has_a_heldout_loss_and_its_analyses(name):
                                                 ((4, 4), 4.0, True))
 
 
-def test_heldout_metrics_use_eval_mode_or_the_train_loss_of_a_stateful_method():
+def test_eval_metrics_run_the_loss_in_eval_mode():
   seen = []
 
   class Plain(mae.Method):
-    def loss(self, params, batch, rng, train=True):
-      seen.append(train)
+    def loss(self, params, batch, rng, train=True, step=None):
+      seen.append((train, step))
       return 1.0, {"loss": 1.0}
 
-  class Stateful(mae.Method):  # as TinyMIM: the loss needs the model state (its teacher).
-    def loss(self, params, batch, rng, train=True, teacher=None):
-      return 2.0 * teacher, {"loss": 2.0 * teacher}
-
-    def train_loss(self, params, model_state, batch, rng, step):
-      loss, m = self.loss(params, batch, rng, teacher=model_state["teacher"])
-      return loss, (m, model_state)
-
-  c = small_config("unused")
-  assert Plain(c).heldout_metrics({}, {}, {}, None, 0) == {"loss": 1.0} and seen == [False]
-  assert Stateful(c).heldout_metrics({}, {"teacher": 3.0}, {}, None, 0) == {"loss": 6.0}
+  assert Plain(small_config("unused")).eval_metrics({}, {}, {}, None, 5) == {"loss": 1.0}
+  assert seen == [(False, 5)]
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -1,25 +1,24 @@
-"""Fine-tuning, partial fine-tuning and linear probing (mae_jax.evaluate.classify)."""
+"""Fine-tuning, partial fine-tuning and linear probing (mae_jax.evaluate: finetune, linprobe,
+classifier) and the classification evaluator."""
 
 import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from configs import finetune as finetune_config
-from configs import linprobe as linprobe_config
-from mae_jax import tasks, train
+from mae_jax import tasks
 from mae_jax.errors import UserError
 from mae_jax import workdir as workdirs
 from mae_jax.evaluate import classifier, finetune, linprobe
-from mae_jax.models.vit import ViT, sincos_2d
-from conftest import REPO, override, small_config
+from mae_jax.models.vit import ViT, resample_pos_embed, sincos_2d
+from conftest import REPO, flat, small_config, task_config
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,8 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_bitwise(pretrai
                                                                          digits_data_dir,
                                                                          tmp_path):
   config = task_config("linprobe", pretrained, digits_data_dir)
-  task = classify.Task(config)
+  out = tasks.run(config, str(tmp_path / "lp"), devices=jax.devices()[:2])
   assert config.image_size == 16  # 0 = the pretraining run's.
-  out = tasks.pretrain(config, str(tmp_path / "lp"), devices=jax.devices()[:2], method=task)
   state = out["state"]
   assert set(state.params) == {"head"}  # the only trained parameters.
   loaded, _ = workdirs.load_params(pretrained)
@@ -49,14 +47,16 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_bitwise(pretrai
     assert np.array_equal(want[k], got[k]), k  # bitwise: the probe never touched it.
   stats = state.model_state["batch_stats"]["bn"]
   assert not np.allclose(stats["mean"], 0.0)  # running statistics were updated.
-  evals = [h for h in out["history"] if "top1" in h]
-  assert evals and 0.0 <= evals[-1]["top1"] <= 1.0 and evals[-1]["top5"] >= evals[-1]["top1"]
+  evals = [h for h in out["history"] if "classification/top1" in h]
+  last = evals[-1]
+  assert 0.0 <= last["classification/top1"] <= last["classification/top5"] <= 1.0
+  assert last["classification/loss"] > 0
 
 
 def test_linear_probe_computes_no_gradient_for_the_encoder(pretrained, digits_data_dir):
   # The backward pass adds exactly one matmul (the head kernel's gradient) to the forward one:
   # none of the encoder's matmuls is differentiated.
-  task = classify.Task(task_config("linprobe", pretrained, digits_data_dir))
+  task = tasks.downstream_trainable(task_config("linprobe", pretrained, digits_data_dir))
   params, model_state = task.init_state(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   batch = {"image": jnp.zeros((4, 16, 16, 3)), "label": jnp.arange(4)}
   step = jnp.zeros((), jnp.int32)
@@ -81,7 +81,7 @@ def test_linear_probe_computes_no_gradient_for_the_encoder(pretrained, digits_da
 
 
 def test_finetune_starts_from_the_pretrained_encoder(pretrained, digits_data_dir):
-  task = classify.Task(task_config("finetune", pretrained, digits_data_dir))
+  task = tasks.downstream_trainable(task_config("finetune", pretrained, digits_data_dir))
   params, model_state = task.init_state(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
   assert model_state == {}  # full fine-tuning: everything trains.
   params, _ = task.initial_weights(params, model_state)
@@ -101,8 +101,7 @@ def test_partial_finetune_trains_the_last_blocks_only(pretrained, digits_data_di
   config = task_config("finetune", pretrained, digits_data_dir,
                         **{"classifier.train_blocks": 1, "dataset.randaugment": "",
                            "dataset.reprob": 0.0})
-  task = classify.Task(config)
-  out = tasks.pretrain(config, str(tmp_path / "pft"), devices=jax.devices()[:2], method=task)
+  out = tasks.run(config, str(tmp_path / "pft"), devices=jax.devices()[:2])
   state = out["state"]
   assert set(state.params) == {"blocks_3", "fc_norm", "head"}  # Mu has 4 blocks.
   frozen = flat(state.model_state["frozen"])
@@ -115,7 +114,7 @@ def test_partial_finetune_trains_the_last_blocks_only(pretrained, digits_data_di
   assert not np.array_equal(np.asarray(state.params["blocks_3"]["mlp"]["fc1"]["kernel"]),
                             loaded["blocks_3/mlp/fc1/kernel"])
   # The fine-tuned classifier loads back whole (trainable + frozen) from the workdir.
-  model, params, info = classify.load_classifier(str(tmp_path / "pft"))
+  model, params, info = finetune.load_classifier(str(tmp_path / "pft"))
   assert info["num_classes"] == 10 and info["step"] == 3
   logits = model.apply({"params": params}, jnp.zeros((2, 16, 16, 3)))
   assert logits.shape == (2, 10)
@@ -126,20 +125,26 @@ def test_finetune_cli_writes_summary_and_keeps_best(pretrained, digits_data_dir,
   cmd = [sys.executable, "-m", "mae_jax.main", "--config=configs/finetune.py",
          f"--workdir={workdir}", f"--config.init_from={pretrained}",
          f"--config.dataset.data_dir={digits_data_dir}", "--config.batch_size=32",
-         "--config.total_steps=4", "--config.eval_every_steps=2",
-         "--config.classifier.eval_batch_size=100", "--config.classifier.pool=cls"]
+         "--config.total_steps=4", "--config.evals.classification.every_steps=2",
+         "--config.evals.classification.batch_size=100", "--config.classifier.pool=cls"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((workdir / "finetune.json").read_text())
-  assert summary["last"]["step"] == 4 and 0 <= summary["best"]["top1"] <= 1
-  assert sorted(os.listdir(workdir / "best")) == [str(summary["best"]["step"])]
-  assert "eval top1" in proc.stdout
+  best = summary["best"]
+  assert summary["metric"] == "classification/top1" and summary["last"]["step"] == 4
+  assert 0 <= best["classification/top1"] <= 1
+  assert best["classification/top1"] >= summary["last"]["classification/top1"]
+  assert sorted(os.listdir(workdir / "best")) == [str(best["step"])]
+  assert "step 2 | classification top1" in proc.stdout
   # Bad input: one line, exit 2, the workdir untouched.
   before = sorted(os.listdir(workdir))
   for flag, msg in [("--config.classifier.pool=max", "pool"),
                     ("--config.init_from=/nonexistent", "config.json"),
-                    ("--config.classifier.train_blocks=9", "train_blocks")]:
+                    ("--config.classifier.train_blocks=9", "train_blocks"),
+                    ("--config.eval_every_steps=2", "config.evals.classification.every_steps"),
+                    ("--config.classifier.eval_batch_size=8",
+                     "config.evals.classification.batch_size")]:
     bad = subprocess.run(cmd + [flag], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     lines = bad.stderr.strip().splitlines()
@@ -155,26 +160,25 @@ def test_load_encoder_into_reports_what_does_not_fit():
   fresh = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
   encoder = ViT.from_variant("Mu/4").init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))
   encoder = dict(encoder["params"])
-  ok = classify.load_encoder_into(fresh, encoder, pretrain_grid=(4, 4), grid=(4, 4),
-                                  has_cls=True, where="ckpt")
+  pre = types.SimpleNamespace(grid=(4, 4), task_grid=(4, 4), has_cls=True)
+  ok = classifier.load_encoder_into(fresh, encoder, pre, where="ckpt")
   assert np.array_equal(ok["blocks_0"]["attn"]["qkv"]["kernel"],
                         encoder["blocks_0"]["attn"]["qkv"]["kernel"])
   wide = ViT.from_variant("Ti/4").init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))
   with pytest.raises(UserError, match=r"shapes differ .*cls_token \(1, 1, 192\) vs \(1, 1, 128\)"):
-    classify.load_encoder_into(fresh, dict(wide["params"]), pretrain_grid=(4, 4), grid=(4, 4),
-                               has_cls=True, where="ckpt")
+    classifier.load_encoder_into(fresh, dict(wide["params"]), pre, where="ckpt")
   del encoder["blocks_2"]
   encoder["extra_thing"] = {"w": np.zeros(3)}
-  with pytest.raises(UserError, match=r"missing blocks_2/.*unexpected extra_thing/w"):
-    classify.load_encoder_into(fresh, encoder, pretrain_grid=(4, 4), grid=(4, 4), has_cls=True,
-                               where="ckpt")
+  with pytest.raises(UserError, match=r"ckpt does not fit the classifier: 12 missing: blocks_2/"
+                                      r".*; 1 unexpected: extra_thing/w"):
+    classifier.load_encoder_into(fresh, encoder, pre, where="ckpt")
 
 
 def test_pos_embed_is_interpolated_to_a_new_grid():
   pos = sincos_2d(16, 4, 4, cls_token=True)[None]
-  same = classify.interpolate_grid(pos, (4, 4), (4, 4), 1)
+  same = resample_pos_embed(pos, (4, 4), (4, 4), 1)
   np.testing.assert_allclose(same, pos, atol=1e-6)  # bicubic at the sample points is exact.
-  up = classify.interpolate_grid(pos, (4, 4), (6, 8), 1)
+  up = resample_pos_embed(pos, (4, 4), (6, 8), 1)
   assert up.shape == (1, 1 + 48, 16) and np.array_equal(up[:, 0], pos[:, 0])
   torch = pytest.importorskip("torch")
   grid = torch.tensor(pos[:, 1:]).reshape(1, 4, 4, 16).permute(0, 3, 1, 2)
@@ -185,17 +189,18 @@ def test_pos_embed_is_interpolated_to_a_new_grid():
 
 def test_finetune_at_a_larger_resolution_interpolates_the_pretraining_grid(pretrained,
                                                                            digits_data_dir):
-  task = classify.Task(task_config("finetune", pretrained, digits_data_dir, image_size=24))
+  task = tasks.downstream_trainable(task_config("finetune", pretrained, digits_data_dir,
+                                               image_size=24))
   params, state = task.init_state(jax.random.PRNGKey(0), jnp.zeros((1, 24, 24, 3)))
   params, _ = task.initial_weights(params, state)
-  want = classify.interpolate_grid(sincos_2d(128, 4, 4, cls_token=True)[None], (4, 4), (6, 6), 1)
+  want = resample_pos_embed(sincos_2d(128, 4, 4, cls_token=True)[None], (4, 4), (6, 6), 1)
   np.testing.assert_allclose(np.asarray(params["pos_embed"]), want, atol=1e-6)
 
 
 def test_finetune_weight_decay_skips_tokens_and_vectors():
   params = {"cls_token": jnp.zeros((1, 1, 4)), "pos_embed": jnp.zeros((1, 5, 4)),
             "blocks_0": {"k": jnp.zeros((4, 4)), "b": jnp.zeros((4,))}}
-  mask = classify.finetune_decay_mask(params)
+  mask = finetune.finetune_decay_mask(params)
   assert mask == {"cls_token": False, "pos_embed": False, "blocks_0": {"k": True, "b": False}}
 
 

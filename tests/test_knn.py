@@ -156,7 +156,10 @@ def test_load_pretrained_restores_params_only(pretrained):
   a = np.asarray(params1["encoder"]["blocks_0"]["attn"]["qkv"]["kernel"])
   assert not np.array_equal(a, want[("encoder", "blocks_0", "attn", "qkv", "kernel")])
   method = get_method(config)
-  assert workdirs.encoder_params(params, method) is params["encoder"]
+  assert workdirs.subtree(params, method.encoder_key) is params["encoder"]
+  with pytest.raises(UserError, match=r"have no 'student' subtree; they have \['decoder', "
+                                      r"'encoder'\]"):
+    workdirs.subtree(params, "student")
 
 
 def test_load_pretrained_errors(pretrained, tmp_path):
@@ -171,9 +174,10 @@ def test_load_pretrained_errors(pretrained, tmp_path):
   mine = get_method(config)
   workdirs.check_fits(_abstract_encoder(mine, 16), params["encoder"])  # fits: no error
   other = get_method(small_config(config.dataset.data_dir, **{"model.variant": "Mu/8"}))
-  with pytest.raises(UserError, match=r"1 shapes differ.*patch_embed\.proj\.kernel"):
+  with pytest.raises(UserError, match=r"1 shapes differ \(have vs want\): "
+                                      r"patch_embed/proj/kernel \(4, 4, 3, 128\) vs \(8, 8, 3, 128\)"):
     workdirs.check_fits(_abstract_encoder(other, 16), params["encoder"])
-  with pytest.raises(UserError, match=r"missing blocks_1.*unexpected embed"):
+  with pytest.raises(UserError, match=r"missing: blocks_1.*unexpected: embed"):
     workdirs.check_fits(_abstract_encoder(mine, 16), params["decoder"])
 
 
@@ -211,27 +215,26 @@ def _knn_task_config(init_from, data_dir, **overrides):
 
 def test_knn_task_scores_a_pretraining_workdir_and_a_random_baseline(pretrained, tmp_path,
                                                                       digits_data_dir):
-  from mae_jax.evaluate import knn_task
   _, workdir, _ = pretrained
-  out = knn_task.run_knn(_knn_task_config(workdir, digits_data_dir), str(tmp_path / "a"))
+  out = tasks.knn(_knn_task_config(workdir, digits_data_dir), str(tmp_path / "a"))
   assert 0.1 < out["knn_top1"] <= 1.0 and out["pretrain_step"] == 2 and not out["random_init"]
   with open(tmp_path / "a" / "knn.json") as f:
     assert json.load(f)["knn_top1"] == out["knn_top1"]
-  rand = knn_task.run_knn(_knn_task_config(workdir, digits_data_dir, random_init=True),
+  rand = tasks.knn(_knn_task_config(workdir, digits_data_dir, random_init=True),
                           str(tmp_path / "b"))
   assert rand["random_init"] and rand["pretrain_step"] is None
   assert rand["knn_top1"] != out["knn_top1"]  # other weights, other neighbours.
   with pytest.raises(UserError, match="init_from"):
-    knn_task.run_knn(_knn_task_config("", digits_data_dir), str(tmp_path / "c"))
+    tasks.knn(_knn_task_config("", digits_data_dir), str(tmp_path / "c"))
   with pytest.raises(UserError, match="config.json not found"):
-    knn_task.run_knn(_knn_task_config(str(tmp_path), digits_data_dir), str(tmp_path / "d"))
+    tasks.knn(_knn_task_config(str(tmp_path), digits_data_dir), str(tmp_path / "d"))
 
 
-def test_knn_monitor_during_pretraining(tmp_path, digits_data_dir):
-  config = small_config(digits_data_dir, total_steps=3, **{"knn.every_steps": 2,
-                                                           "knn.batch_size": 100})
+def test_knn_evaluator_during_pretraining(tmp_path, digits_data_dir):
+  config = small_config(digits_data_dir, total_steps=3, **{"evals.knn.every_steps": 2,
+                                                           "evals.knn.batch_size": 100})
   out = tasks.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
-  knn = [h for h in out["history"] if "knn_top1" in h]
+  knn = [h for h in out["history"] if "knn/top1" in h]
   assert [h["step"] for h in knn] == [2, 3]  # every 2 steps and at the end.
-  assert all(0.0 <= h["knn_top1"] <= 1.0 for h in knn)
-  assert [r["step"] for r in train.read_metrics(str(tmp_path / "wd")) if "knn_top1" in r] == [2, 3]
+  assert all(0.0 <= h["knn/top1"] <= 1.0 for h in knn)
+  assert [r["step"] for r in train.read_metrics(str(tmp_path / "wd")) if "knn/top1" in r] == [2, 3]

@@ -14,7 +14,6 @@ from flax import traverse_util
 from configs import droppos, simmim, splitmask
 from mae_jax import tasks, train
 from mae_jax import workdir as workdirs
-from mae_jax.evaluate import classifier, finetune, linprobe
 from conftest import task_config
 
 # ConvMAE's encoder -> ConvViT: tests/test_convmae.py::test_convvit_starts_from_the_pretrained_encoder;
@@ -43,7 +42,7 @@ def test_linear_probe_and_finetune_start_from_the_pretrained_encoder(pretrained,
   encoder = flat(workdirs.load_params(workdir)[0]["encoder"])
   images = jnp.zeros((1, size, size, 3))
 
-  probe = classify.Task(task_config("linprobe", workdir, digits_data_dir))
+  probe = tasks.downstream_trainable(task_config("linprobe", workdir, digits_data_dir))
   params, model_state = probe.init_state(jax.random.PRNGKey(0), images)
   params, model_state = probe.initial_weights(params, model_state)
   frozen = flat(model_state["frozen"]["encoder"])
@@ -53,7 +52,7 @@ def test_linear_probe_and_finetune_start_from_the_pretrained_encoder(pretrained,
   logits, _ = probe.logits(params, model_state, images)  # through the method's own feature.
   assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
 
-  tune = classify.Task(task_config("finetune", workdir, digits_data_dir))
+  tune = tasks.downstream_trainable(task_config("finetune", workdir, digits_data_dir))
   params, model_state = tune.init_state(jax.random.PRNGKey(0), images)
   got = flat(tune.initial_weights(params, model_state)[0])
   # Everything but the final norm (average pooling uses a fresh fc_norm) and ConvMAE's

@@ -14,6 +14,7 @@ import pytest
 
 from mae_jax import data, distributed, train
 from mae_jax.errors import UserError
+from mae_jax.methods import get_method
 from conftest import REPO, SMALL, small_config
 
 
@@ -71,7 +72,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, di
   source = data.get_source(config.dataset)
   mesh = train.make_mesh(jax.devices()[:4])
   spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size, 2)
-  update = train.build_update(config, mesh, train.make_plan(config, spe))
+  plan = train.make_plan(config, spe)
+  update = train.build_update(config, mesh, plan, get_method(config, plan.total_steps))
   state = jax.jit(update.init_state, out_shardings=update.shardings)(
       jax.random.PRNGKey(config.seed))
   streams = [data.train_batches(source, config.dataset, split=config.dataset.train_split,

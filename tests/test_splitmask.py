@@ -79,9 +79,10 @@ def _updater(devices):
   mesh = train.make_mesh(devices)
   plan = train.Plan(steps_per_epoch=1, total_steps=30, warmup_steps=2,
                     peak_lr=optim.scaled_lr(c.optimizer.base_lr, c.batch_size))
-  method, init_state, step_fn = train.build_update(c, mesh, plan)
-  init = jax.jit(init_state, out_shardings=NamedSharding(mesh, P()))
-  return method, lambda: init(jax.random.PRNGKey(0)), step_fn, NamedSharding(mesh, P("data"))
+  method = get_method(c, plan.total_steps)
+  update = train.build_update(c, mesh, plan, method)
+  init = jax.jit(update.init_state, out_shardings=NamedSharding(mesh, P()))
+  return method, lambda: init(jax.random.PRNGKey(0)), update.step, NamedSharding(mesh, P("data"))
 
 
 @pytest.fixture(scope="module")

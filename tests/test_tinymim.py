@@ -21,7 +21,6 @@ from mae_jax import tasks, train
 from mae_jax.checkpoint import Checkpointer
 from mae_jax.errors import UserError
 from mae_jax import workdir as workdirs
-from mae_jax.evaluate import classifier, finetune, linprobe
 from mae_jax.methods import get_method, tinymim
 from mae_jax.models.vit import Attention
 from conftest import override, run_cli, small_config, snapshot
@@ -204,7 +203,7 @@ def test_student_loads_into_a_linear_probe_without_the_teacher(distilled, digits
     json.dump(cfg, f)
   c = linprobe_config.get_config("digits")
   override(c, {"init_from": copy, "dataset.data_dir": digits_data_dir, "batch_size": 16})
-  task = classify.Task(c)
+  task = tasks.downstream_trainable(c)
   params, model_state = task.init_state(jax.random.PRNGKey(0), IMAGES)
   params, model_state = task.initial_weights(params, model_state)
   got = flat(model_state["frozen"]["encoder"])
