@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 
 from mae_jax.errors import UserError, first_line

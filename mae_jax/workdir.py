@@ -45,10 +45,10 @@ def read_config(workdir: str, role: str = "a training workdir") -> ml_collection
   when the folder or the file is missing or the file is not JSON."""
   path = epath.Path(absolute(workdir))
   if not path.exists():
-    raise UserError(f"{workdir} does not exist: it must be {role}")
+    raise UserError(f"{workdir} does not exist (no config.json): it must be {role}")
   file = path / CONFIG_FILE
   if not file.exists():
-    raise UserError(f"{file} not found: {workdir} must be {role}")
+    raise UserError(f"{workdir} has no config.json: it must be {role}")
   try:
     return ml_collections.ConfigDict(json.loads(file.read_text()))
   except json.JSONDecodeError as e:

@@ -16,7 +16,7 @@ import pytest
 from mae_jax import tasks
 from mae_jax.errors import UserError
 from mae_jax import workdir as workdirs
-from mae_jax.evaluate import classifier, finetune, linprobe
+from mae_jax.evaluate import classifier, finetune
 from mae_jax.models.vit import ViT, resample_pos_embed, sincos_2d
 from conftest import REPO, flat, small_config, task_config
 

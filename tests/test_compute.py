@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from configs import convmae as convmae_config
 from mae_jax import tasks, train
@@ -12,7 +11,7 @@ from mae_jax.errors import UserError
 from mae_jax.models.convvit import ConvMAEEncoder
 from mae_jax import workdir as workdirs
 from mae_jax.models.vit import Compute, ViT, cast_params, stack_blocks, unstack_blocks
-from conftest import small_config
+from conftest import flat, small_config
 
 
 def _run(tmp_path, data_dir, name, devices=1, **overrides):

@@ -226,7 +226,7 @@ def test_knn_task_scores_a_pretraining_workdir_and_a_random_baseline(pretrained,
   assert rand["knn_top1"] != out["knn_top1"]  # other weights, other neighbours.
   with pytest.raises(UserError, match="init_from"):
     tasks.knn(_knn_task_config("", digits_data_dir), str(tmp_path / "c"))
-  with pytest.raises(UserError, match="config.json not found"):
+  with pytest.raises(UserError, match="has no config.json"):
     tasks.knn(_knn_task_config(str(tmp_path), digits_data_dir), str(tmp_path / "d"))
 
 

@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from configs import droppos, simmim, splitmask
 from mae_jax import tasks, train
 from mae_jax import workdir as workdirs
-from conftest import task_config
+from conftest import flat, task_config
 
 # ConvMAE's encoder -> ConvViT: tests/test_convmae.py::test_convvit_starts_from_the_pretrained_encoder;
 # it costs two minutes here.

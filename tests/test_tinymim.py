@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import traverse_util
 
 from configs import convmae as convmae_config
 from configs import linprobe as linprobe_config
@@ -23,7 +22,7 @@ from mae_jax.errors import UserError
 from mae_jax import workdir as workdirs
 from mae_jax.methods import get_method, tinymim
 from mae_jax.models.vit import Attention
-from conftest import override, run_cli, small_config, snapshot
+from conftest import flat, override, run_cli, small_config, snapshot
 
 IMAGES = jnp.zeros((1, 16, 16, 3))
 

@@ -153,7 +153,7 @@ def jitted(method, name: str) -> Callable:
 def applicable(method) -> list[str]:
   """The analyses that fit `method` (attention ones: every encoder with attention layers)."""
   names = list(ATTENTION_ANALYSES)
-  if hasattr(method, "reconstruct"):
+  if method.reconstruct is not None:
     names.insert(0, "recon")
   if hasattr(method, "predict_positions"):
     names.append("droppos")
