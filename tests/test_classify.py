@@ -7,6 +7,7 @@ import subprocess
 import sys
 import types
 
+import chex
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -41,10 +42,10 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_bitwise(pretrai
   state = out["state"]
   assert set(state.params) == {"head"}  # the only trained parameters.
   loaded, _ = workdirs.load_params(pretrained)
-  want, got = flat(loaded["encoder"]), flat(state.model_state["frozen"]["encoder"])
-  assert want.keys() == got.keys()
-  for k in want:
-    assert np.array_equal(want[k], got[k]), k  # bitwise: the probe never touched it.
+  # Bitwise, names and dtypes included: the probe never touched it.
+  chex.assert_trees_all_equal(jax.device_get(loaded["encoder"]),
+                              jax.device_get(state.model_state["frozen"]["encoder"]),
+                              strict=True)
   stats = state.model_state["batch_stats"]["bn"]
   assert not np.allclose(stats["mean"], 0.0)  # running statistics were updated.
   evals = [h for h in out["history"] if "classification/top1" in h]

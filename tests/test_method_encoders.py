@@ -5,6 +5,7 @@ downstream tasks then build their models from that workdir, and the weights they
 be the pretrained encoder's, bit for bit. MAE's case is in tests/test_classify.py.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,11 +45,8 @@ def test_linear_probe_and_finetune_start_from_the_pretrained_encoder(pretrained,
   probe = tasks.downstream_trainable(task_config("linprobe", workdir, digits_data_dir))
   params, model_state = probe.init_state(jax.random.PRNGKey(0), images)
   params, model_state = probe.initial_weights(params, model_state)
-  frozen = flat(model_state["frozen"]["encoder"])
-  assert frozen.keys() == encoder.keys(), name
-  for k, v in encoder.items():
-    assert np.array_equal(v, frozen[k]), (name, k)
-  logits, _ = probe.logits(params, model_state, images)  # through the method's own feature.
+  chex.assert_trees_all_equal(flat(model_state["frozen"]["encoder"]), encoder, strict=True)
+  logits = probe.logits(params, model_state, images)  # through the method's own feature.
   assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
 
   tune = tasks.downstream_trainable(task_config("finetune", workdir, digits_data_dir))

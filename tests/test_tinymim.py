@@ -208,7 +208,7 @@ def test_student_loads_into_a_linear_probe_without_the_teacher(distilled, digits
   got = flat(model_state["frozen"]["encoder"])
   want = flat(out["state"].params["encoder"])
   assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
-  feats = task.features(model_state["frozen"], jnp.ones((2, 16, 16, 3)))
+  feats = task.method.features(model_state["frozen"], jnp.ones((2, 16, 16, 3)))
   assert feats.shape == (2, 64)  # the mean of the patch tokens by default.
 
 

@@ -2,7 +2,7 @@
 weights loaded into a classifier tree, and the checks of the task's own keys.
 
 The pretrained model is rebuilt from INIT_FROM/config.json (every pretraining run saves its
-resolved config) at this task's image size, dtype and remat (blocks unrolled: classifiers keep the
+resolved config) at the downstream task's image size, dtype and remat (blocks unrolled: classifiers keep the
 per-block layout for layer-wise lr decay); its encoder weights come from INIT_FROM's latest
 checkpoint (or config.init_step). The decoder and other method-specific parts are dropped.
 """
@@ -66,7 +66,7 @@ def pretrained_run(config) -> Pretrained:
     pre.image_size = config.image_size
     if "drop_path_rate" in pre.model:
       pre.model.drop_path_rate = 0.0
-    if "compute" in config:  # this task's dtype and remat, not the pretraining run's.
+    if "compute" in config:  # the downstream task's dtype and remat, not the pretraining run's.
       pre.compute = config.compute.to_dict()
       pre.compute.scan = False
   try:

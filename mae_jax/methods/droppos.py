@@ -1,5 +1,5 @@
 """DropPos (Wang et al. 2023, "DropPos: Pre-Training Vision Transformers by Reconstructing Dropped
-Positions"), following the official Haochen-Wang409/DropPos code as summarized in REFERENCE.md.
+Positions"), following the official Haochen-Wang409/DropPos code.
 
 Mask patches as MAE (gamma = 0.75, static gather); among the visible tokens, replace the position
 embedding of gamma_pos = 0.75 of them by a learnable position mask token ([CLS] keeps its own);
