@@ -452,4 +452,5 @@ def test_python_dash_m_entry_point(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "mae_jax.analyze", f"--workdir={tmp_path}/none"],
                         capture_output=True, text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: workdir ")
+  assert proc.stderr.strip().splitlines() == [
+      f"error: {tmp_path}/none does not exist (no config.json): it must be a pretraining workdir"]

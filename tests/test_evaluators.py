@@ -23,7 +23,8 @@ def _ctx(config, trainable, total_steps=10):
 
 
 def test_factory_builds_what_is_on_and_resolves_every_epochs(digits_data_dir):
-  config = small_config(digits_data_dir, **{"evals.knn.every_steps": 3})
+  config = small_config(digits_data_dir, **{"evals.knn.every_steps": 3,
+                                             "evals.heldout.every_steps": 0})
   built = evaluators.build(config, _ctx(config, get_method(config)))
   assert [e.name for e in built] == ["knn"]  # heldout is off (every_steps 0).
   assert [s for s in range(1, 11) if built[0].due(s)] == [3, 6, 9, 10]
@@ -73,7 +74,7 @@ def test_feature_spread_is_positive_for_an_encoder_and_zero_for_a_collapsed_one(
   spread = feature_spread.Evaluator(cfg, _ctx(config, method)).run(state)["std"]
   assert 0.001 < spread < 1.0
   collapsed = types.SimpleNamespace(features=lambda p, x: jnp.ones((x.shape[0], 8)))
-  assert feature_spread.Evaluator(cfg, _ctx(config, collapsed)).run(state)["std"] == 0.0
+  assert feature_spread.Evaluator(cfg, _ctx(config, collapsed)).run(state)["std"] < 1e-6
 
 
 def test_readme_shows_the_example_evaluator_as_shipped():
