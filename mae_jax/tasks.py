@@ -53,40 +53,38 @@ def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = Non
 DOWNSTREAM = {"finetune": Finetune, "linprobe": LinearProbe}
 
 
-def downstream_trainable(config, total_steps: Optional[int] = None):
-  """The Finetune / LinearProbe trainable `config.task` names, outside a run (notebooks, tests):
-  the pretrained run of config.init_from, the classes of config.dataset."""
+def _pretrained(config) -> classifier.Pretrained:
+  """The run config.init_from names, with the downstream task's own keys checked; resolves
+  config.image_size 0 to that run's."""
   if config.task not in DOWNSTREAM:
     raise UserError(f"config.task must be one of {sorted(DOWNSTREAM)}, got {config.task!r}")
   pretrained = classifier.pretrained_run(config)
   classifier.check_task_keys(config)
-  source = data.get_source(config.dataset)
+  return pretrained
+
+
+def _downstream(config, pretrained: classifier.Pretrained, source: data.Source,
+                total_steps: Optional[int]):
   return DOWNSTREAM[config.task](config, total_steps, pretrained,
                                  classifier.num_classes_of(source, config.task))
 
 
-def _classification(task_class) -> Callable:
-  def run(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
-          stop_at_step: Optional[int] = None) -> dict:
-    if config.task != task_class.name:
-      raise UserError(f"config.task={config.task!r}; this runs {task_class.name!r}")
-    pretrained = classifier.pretrained_run(config)  # resolves config.image_size 0.
-    classifier.check_task_keys(config)
-
-    def build(c, setup):
-      return task_class(c, setup.plan.total_steps, pretrained,
-                        classifier.num_classes_of(setup.source, c.task))
-
-    out = _run(config, workdir, build, devices, stop_at_step)
-    _write_summary(config, workdirs.absolute(workdir), out["history"])
-    return out
-
-  run.__doc__ = f"`config.task='{task_class.name}'`: trains, evaluates, keeps last and best."
-  return run
+def downstream_trainable(config, total_steps: Optional[int] = None):
+  """The Finetune / LinearProbe trainable `config.task` names, outside a run (notebooks, tests):
+  the pretrained run of config.init_from, the classes of config.dataset."""
+  return _downstream(config, _pretrained(config), data.get_source(config.dataset), total_steps)
 
 
-finetune = _classification(Finetune)
-linprobe = _classification(LinearProbe)
+def downstream(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
+               stop_at_step: Optional[int] = None) -> dict:
+  """`config.task` 'finetune' or 'linprobe': trains, evaluates, keeps the last and the best
+  checkpoints; WORKDIR/<task>.json."""
+  pretrained = _pretrained(config)
+  out = _run(config, workdir,
+             lambda c, s: _downstream(c, pretrained, s.source, s.plan.total_steps), devices,
+             stop_at_step)
+  _write_summary(config, workdirs.absolute(workdir), out["history"])
+  return out
 
 
 def _write_summary(config, workdir: str, history: list[dict]) -> None:
@@ -152,7 +150,7 @@ def knn(config, workdir: str) -> dict:
   return result
 
 
-TASKS = {"pretrain": pretrain, "finetune": finetune, "linprobe": linprobe, "knn": knn}
+TASKS = {"pretrain": pretrain, "finetune": downstream, "linprobe": downstream, "knn": knn}
 
 
 def run(config, workdir: str, **kwargs) -> dict:

@@ -40,15 +40,16 @@ def checkpoint_dir(workdir: str, name: str = "checkpoints") -> str:
   return os.path.join(absolute(workdir), name)
 
 
-def read_config(workdir: str, role: str = "a training workdir") -> ml_collections.ConfigDict:
-  """WORKDIR/config.json as a ConfigDict; UserError naming `role` (what the path should be)
-  when the folder or the file is missing or the file is not JSON."""
+def read_config(workdir: str, role: str = "a training workdir",
+                name: str = CONFIG_FILE) -> ml_collections.ConfigDict:
+  """WORKDIR/config.json (or WORKDIR/`name`) as a ConfigDict; UserError naming `role` (what
+  the path should be) when the folder or the file is missing or the file is not JSON."""
   path = epath.Path(absolute(workdir))
   if not path.exists():
-    raise UserError(f"{workdir} does not exist (no config.json): it must be {role}")
-  file = path / CONFIG_FILE
+    raise UserError(f"{workdir} does not exist (no {name}): it must be {role}")
+  file = path / name
   if not file.exists():
-    raise UserError(f"{workdir} has no config.json: it must be {role}")
+    raise UserError(f"{workdir} has no {name}: it must be {role}")
   try:
     return ml_collections.ConfigDict(json.loads(file.read_text()))
   except json.JSONDecodeError as e:

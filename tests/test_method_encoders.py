@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import droppos, simmim, splitmask
-from mae_jax import tasks, train
+from mae_jax import tasks
 from mae_jax import workdir as workdirs
 from conftest import flat, task_config
 

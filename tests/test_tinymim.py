@@ -16,7 +16,7 @@ from configs import convmae as convmae_config
 from configs import linprobe as linprobe_config
 from configs import mae as mae_config
 from configs import tinymim as tinymim_config
-from mae_jax import tasks, train
+from mae_jax import tasks
 from mae_jax.checkpoint import Checkpointer
 from mae_jax.errors import UserError
 from mae_jax import workdir as workdirs

@@ -2,9 +2,9 @@
 weights loaded into a classifier tree, and the checks of the task's own keys.
 
 The pretrained model is rebuilt from INIT_FROM/config.json (every pretraining run saves its
-resolved config) at the downstream task's image size, dtype and remat (blocks unrolled: classifiers keep the
-per-block layout for layer-wise lr decay); its encoder weights come from INIT_FROM's latest
-checkpoint (or config.init_step). The decoder and other method-specific parts are dropped.
+resolved config) at the downstream task's image size, dtype and remat (blocks unrolled:
+classifiers keep the per-block layout for layer-wise lr decay); its encoder weights come from
+INIT_FROM's latest checkpoint (or config.init_step). The decoder and other method-specific parts are dropped.
 """
 
 from __future__ import annotations

@@ -12,15 +12,12 @@ are carried as frozen model state, so no gradient is computed for them.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from etils import epath
 
 from mae_jax import workdir as workdirs
 from mae_jax.errors import UserError
@@ -181,7 +178,9 @@ def load_classifier(workdir: str, step: Optional[int] = None, best: bool = False
   cfg = workdirs.read_config(workdir, "a fine-tuning workdir")
   if cfg.get("task") != "finetune":
     raise UserError(f"{workdir} is not a fine-tuning workdir (its task is {cfg.get('task')!r})")
-  pre = _copied_pretrain_config(workdir)
+  # The pretraining config the run copied when it started (init_from may be gone since).
+  pre = workdirs.read_config(workdir, "a fine-tuning workdir (a run writes it when it starts)",
+                             PRETRAIN_CONFIG)
   with pre.unlocked():
     pre.image_size = cfg.image_size
   items, meta = workdirs.restore_items(f"{workdir}/best" if best else workdir,
@@ -196,11 +195,3 @@ def load_classifier(workdir: str, step: Optional[int] = None, best: bool = False
           "meta": meta}
   return model, jax.tree.map(np.asarray, params), info
 
-
-def _copied_pretrain_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/pretrain_config.json, the pretraining config a fine-tuning run copied when it
-  started (init_from may be gone since)."""
-  path = epath.Path(workdirs.absolute(workdir)) / PRETRAIN_CONFIG
-  if not path.exists():
-    raise UserError(f"{path} not found (a fine-tuning run writes it when it starts)")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -6,7 +6,8 @@
 set, with its default) and `Evaluator(cfg, ctx)` (`due(step)`, `run(state)`; see
 `mae_jax.evaluators.base`). Results are logged as '<name>/<metric>'; `config.best_metric`
 (e.g. 'classification/top1') names the one that keeps WORKDIR/best. Every entry takes
-`every_steps` or `every_epochs` (used when every_steps is 0); with both 0 it is off. Adding an evaluator is one file here plus one config entry.
+`every_steps` or `every_epochs` (used when every_steps is 0); with both 0 it is off. Adding an
+evaluator is one file here plus one config entry.
 """
 
 from __future__ import annotations
@@ -64,13 +65,11 @@ def check_config(config) -> None:
   """Every entry of config.evals names a known type and only its keys; config.best_metric
   names an entry. Needs no data or model: run before anything is built."""
   evals = config.get("evals") or {}
-  for name, entry in evals.items():
-    _resolved(name, entry, _module(name, entry))
+  resolved = {name: _resolved(name, entry, _module(name, entry)) for name, entry in evals.items()}
   best = config.get("best_metric", "")
   if best:
-    prefix = best.split("/", 1)[0]
-    on = prefix in evals and _is_on(_resolved(prefix, evals[prefix], _module(prefix, evals[prefix])))
-    if "/" not in best or not on:
+    entry = resolved.get(best.split("/", 1)[0])
+    if "/" not in best or entry is None or not _is_on(entry):
       raise UserError(f"config.best_metric={best!r} must be '<eval>/<metric>' of an evaluator "
                       f"that runs; config.evals has {sorted(evals) or 'none'}")
 

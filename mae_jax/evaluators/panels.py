@@ -1,4 +1,5 @@
-"""Reconstruction panels as arrays (numpy only: the held-out evaluator and the analysis tool use them).
+"""Reconstruction panels as arrays (numpy only: the held-out evaluator and the analysis tool
+use them).
 
 A method's `reconstruct(params, images, rng)` returns {'pred_pixels': [B, H, W, 3] in the input's
 (dataset-normalized) pixel space, 'mask': [B, H, W, 1], 1 = hidden from the model}. Four panels
