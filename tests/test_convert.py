@@ -245,9 +245,9 @@ def test_timm_classifier_logits_match_and_round_trip(pool, tmp_path):
 
 
 def test_export_of_a_fine_tuning_workdir_goes_through_load_classifier(tmp_path, monkeypatch):
-  # The fine-tuning workdir's own format belongs to mae_jax.evaluate.classify: this checks the
+  # The fine-tuning workdir's own format belongs to mae_jax.evaluate.finetune: this checks the
   # export's use of its documented loader, (module, params, info) = load_classifier(workdir).
-  classify = pytest.importorskip("mae_jax.evaluate.classify")
+  from mae_jax.evaluate import finetune
   pytest.importorskip("timm")
   model = ViT(width=192, depth=2, num_heads=3, patch_size=16, global_pool="avg", num_classes=5,
               learnable_pos_embed=True)
@@ -262,7 +262,7 @@ def test_export_of_a_fine_tuning_workdir_goes_through_load_classifier(tmp_path, 
     calls.append((path, step, best))
     return model, params, {"step": 7, "image_size": 32, "variant": "Ti/16"}
 
-  monkeypatch.setattr(classify, "load_classifier", load_classifier)
+  monkeypatch.setattr(finetune, "load_classifier", load_classifier)
   out = str(tmp_path / "ft.safetensors")
   info = workdirs.export_workdir(str(workdir), out, step=7)
   assert calls == [(str(workdir), 7, False)] and info["source"].endswith("step 7")
