@@ -8,9 +8,9 @@
 #   bash launch/local.sh python ARGS...      # the venv's python, e.g. -m mae_jax.main ...
 #
 # Environment: PYTHON (interpreter to build the venv from, default python3), MAE_JAX_VENV (venv
-# path, default .venv in the repository), MAE_JAX_EXTRAS (pip extras, default "dev", and "dev,torch"
-# for `test`, whose PyTorch conversion parity tests need torch and timm; add "cuda" on a GPU box
-# or "tpu" on a TPU VM, e.g. MAE_JAX_EXTRAS=dev,cuda).
+# path, default .venv in the repository), MAE_JAX_EXTRAS (pip extras, default "dev", and
+# "dev,torch,hf,wandb" for `test`, whose conversion parity tests need torch, timm and
+# transformers; add "cuda" on a GPU box or "tpu" on a TPU VM, e.g. MAE_JAX_EXTRAS=dev,cuda).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,7 +54,9 @@ case "$cmd" in
     exec "$VENV/bin/python" -m mae_jax.main "${args[@]}"
     ;;
   test)
-    EXTRAS="${MAE_JAX_EXTRAS:-dev,torch}"  # tests/test_convert.py checks exports against torch + timm.
+    # The parity tests check exports against the real torch, timm and transformers; the W&B
+    # writer is tested offline.
+    EXTRAS="${MAE_JAX_EXTRAS:-dev,torch,hf,wandb}"
     setup
     # Two pytest workers (MAE_JAX_TEST_WORKERS; 0 runs in this process), each test file on one
     # worker so its module fixtures are built once. Most of the suite is XLA compiling small

@@ -10,3 +10,6 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 __version__ = "0.1.0"
+
+# The Python API (mae_jax.load); it imports JAX and TensorFlow only when first used.
+from mae_jax.api import Pretrained, load  # noqa: E402

@@ -3,6 +3,10 @@ r"""Train-step benchmark on synthetic images: speed, compile time, FLOP/s agains
   python -m mae_jax.bench --config=configs/mae.py:vit_s16 [--batch_size=N] [--steps=N]
   python -m mae_jax.bench --config=configs/mae.py:vit_b16 --batch_sizes=8,16,32,64   # a sweep
   python -m mae_jax.bench --config=configs/mae.py:vit_l16 --compile_only --config.compute.scan=True
+  python -m mae_jax.bench --config=mae:vit_b16 --input=photos --batch_size=128   # input alone
+
+`--input` times the training input instead of the step (mae_jax.input_bench: generated photos,
+a folder or a tfds dataset, against the official torchvision input in the same run).
 
 Memory and speed options are config keys (`--config.compute.dtype=bfloat16`, `.remat`, `.scan`,
 `.fsdp`); every row names the ones it ran with.
@@ -36,6 +40,15 @@ _SWEEP = flags.DEFINE_list("batch_sizes", [], "Global batches to sweep (one row 
                            "that does not fit in memory is reported as such and the sweep goes on.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the step and report compile "
                                   "time, FLOPs and XLA's memory plan; run nothing.")
+_INPUT = flags.DEFINE_string("input", "", "Time the training input alone: photos | photos_tfds | "
+                             "folder:DIR | tfds:NAME (see mae_jax.input_bench).")
+_PHOTOS = flags.DEFINE_integer("photos", 2000, "How many photos --input=photos generates.")
+_PHOTOS_DIR = flags.DEFINE_string("photos_dir", "/tmp/mae_jax_photos",
+                                  "Where --input=photos writes them (reused when present).")
+_PEER = flags.DEFINE_bool("peer", True, "With --input: also time the official torchvision input "
+                          "on the same files.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "With --input: DataLoader workers and the per-core "
+                                "divisor; 0 = the host's cores.")
 
 
 def measure_matmul_peak(n: int, dtype, repeats: int = 5) -> float:
@@ -243,6 +256,17 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = config_value(_CONFIG, "configs/mae.py:vit_s16")
+  if _INPUT.value:
+    from mae_jax import input_bench
+    try:
+      r = input_bench.run_input_bench(config, _INPUT.value, _BATCH.value or 128, _STEPS.value,
+                                      _WARMUP.value, _PHOTOS.value, _PHOTOS_DIR.value,
+                                      _PEER.value, _WORKERS.value or None)
+    except UserError as e:
+      fail(str(e))
+    print(input_bench.format_input_table(r), flush=True)
+    print(json.dumps(r), flush=True)
+    return
   try:
     batches = [int(b) for b in _SWEEP.value] or [_BATCH.value or config.batch_size]
   except ValueError:

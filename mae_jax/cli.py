@@ -2,11 +2,65 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 
 from absl import flags
 
 EXIT_USER_ERROR = 2
+
+
+def quiet_orbax() -> None:
+  """Drops Orbax's log records below FATAL (its notices, and the tracebacks it logs from its
+  writer threads when a save fails): the entry points report such failures in one line."""
+  import logging as std_logging
+
+  class _NotOrbax(std_logging.Filter):
+    def filter(self, record) -> bool:
+      return record.levelno >= std_logging.CRITICAL or "/orbax/" not in record.pathname
+
+  std_logging.getLogger("absl").addFilter(_NotOrbax())
+  previous, previous_thread_hook = sys.excepthook, threading.excepthook
+
+  def closed_loop(value) -> bool:
+    # TensorStore's callbacks of a failed save or restore, after Orbax closed its event loop.
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+  def hook(kind, value, tb):
+    if not closed_loop(value):
+      previous(kind, value, tb)
+
+  def thread_hook(args):
+    if not closed_loop(args.exc_value):
+      previous_thread_hook(args)
+
+  previous_unraisable = sys.unraisablehook
+
+  def unraisable_hook(args):
+    if not closed_loop(args.exc_value):
+      previous_unraisable(args)
+
+  sys.excepthook, threading.excepthook = hook, thread_hook
+  sys.unraisablehook = unraisable_hook
+
+
+def exit_now(code: int) -> None:
+  """Exits with `code` without the interpreter's shutdown, after flushing stdout and stderr:
+  after a failed checkpoint read or write, Orbax's and TensorStore's background threads can
+  block the shutdown or print tracebacks from it. Only for a process's last act."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def run_then_exit(main, *args) -> None:
+  """Runs an entry point's `main(*args)` and ends the process with its exit code (exit_now)."""
+  try:
+    main(*args)
+  except SystemExit as e:
+    exit_now(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+  exit_now(0)
 
 
 def fail(message: str) -> None:
@@ -36,7 +90,14 @@ def _moved_keys(argv: list[str]) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors (unknown keys, bad values, unknown variants)."""
+  """absl flag parsing with one-line errors (unknown keys, bad values, unknown variants);
+  `--config=NAME[:VARIANT]` names a shipped config (mae_jax.config_files)."""
+  from mae_jax import config_files
+  from mae_jax.errors import UserError
+  try:
+    argv = config_files.resolve_argv(argv)
+  except UserError as e:
+    fail(str(e))
   _moved_keys(argv)
   try:
     return flags.FLAGS(argv)

@@ -13,4 +13,6 @@ def first_line(e: BaseException) -> str:
   """The first line of an exception's message (TensorFlow's `.message` where it has one), for
   wrapping a library error into a one-line `UserError`."""
   text = str(getattr(e, "message", "") or e).strip()
+  # TensorStore (under Orbax) appends a repr of its spec to the sentence that matters.
+  text = text.split(" See full TensorStore details")[0]
   return text.splitlines()[0] if text else type(e).__name__

@@ -17,20 +17,22 @@ import os
 from typing import Callable, Optional, Sequence
 
 import jax
-import tensorflow as tf
 
-from mae_jax import configlib, data, evaluators, train
+from mae_jax import configlib, data, evaluators, lock, methods, train
 from mae_jax import workdir as workdirs
+from mae_jax.atomic import write_atomic
 from mae_jax.errors import UserError
 from mae_jax.evaluate import classifier
 from mae_jax.evaluate.finetune import Finetune
 from mae_jax.evaluate.linprobe import LinearProbe
+from mae_jax.evaluators import knn as knn_eval
 from mae_jax.evaluators.knn import evaluate_knn
 from mae_jax.methods import get_method
 from mae_jax.metric_writers import MetricWriter
 
 
-def _run(config, workdir: str, build: Callable, devices, stop_at_step) -> dict:
+def _run(config, workdir: str, build: Callable, devices, stop_at_step,
+         allow_config_change: bool) -> dict:
   """Validates, builds `build(config, setup) -> trainable` and the evaluators, trains."""
   configlib.check_legacy_keys(config)
   evaluators.check_config(config)
@@ -40,14 +42,15 @@ def _run(config, workdir: str, build: Callable, devices, stop_at_step) -> dict:
                            mesh=setup.mesh, total_steps=setup.plan.total_steps,
                            steps_per_epoch=setup.plan.steps_per_epoch)
   return train.train_and_evaluate(config, workdirs.absolute(workdir), trainable,
-                                  evaluators.build(config, ctx), setup, stop_at_step)
+                                  evaluators.build(config, ctx), setup, stop_at_step,
+                                  allow_config_change)
 
 
 def pretrain(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
-             stop_at_step: Optional[int] = None) -> dict:
+             stop_at_step: Optional[int] = None, allow_config_change: bool = False) -> dict:
   """Pretrains config.method in `workdir` (resuming it)."""
   return _run(config, workdir, lambda c, s: get_method(c, s.plan.total_steps), devices,
-              stop_at_step)
+              stop_at_step, allow_config_change)
 
 
 DOWNSTREAM = {"finetune": Finetune, "linprobe": LinearProbe}
@@ -76,13 +79,13 @@ def downstream_trainable(config, total_steps: Optional[int] = None):
 
 
 def downstream(config, workdir: str, devices: Optional[Sequence[jax.Device]] = None,
-               stop_at_step: Optional[int] = None) -> dict:
+               stop_at_step: Optional[int] = None, allow_config_change: bool = False) -> dict:
   """`config.task` 'finetune' or 'linprobe': trains, evaluates, keeps the last and the best
   checkpoints; WORKDIR/<task>.json."""
   pretrained = _pretrained(config)
   out = _run(config, workdir,
              lambda c, s: _downstream(c, pretrained, s.source, s.plan.total_steps), devices,
-             stop_at_step)
+             stop_at_step, allow_config_change)
   _write_summary(config, workdirs.absolute(workdir), out["history"])
   return out
 
@@ -97,8 +100,7 @@ def _write_summary(config, workdir: str, history: list[dict]) -> None:
   summary = {"task": config.task, "init_from": config.init_from,
              "random_init": bool(config.random_init), "metric": key, "last": evals[-1],
              "best": best}
-  with tf.io.gfile.GFile(os.path.join(workdir, f"{config.task}.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  write_atomic(os.path.join(workdir, f"{config.task}.json"), json.dumps(summary, indent=2))
   print(f"{config.task}: {key} {evals[-1][key]:.4f} at the end, best {best[key]:.4f} (step "
         f"{best['step']})", flush=True)
 
@@ -111,8 +113,8 @@ def knn(config, workdir: str) -> dict:
   pre = workdirs.read_config(config.init_from, "a pretraining workdir (config.init_from)")
   with pre.unlocked():  # the pretrained model, scored with this config's data.
     pre.dataset = config.dataset
-    if config.image_size:
-      pre.image_size = config.image_size
+  if config.image_size:
+    configlib.set_image_size(pre, config.image_size)
   method = get_method(pre)
   source = data.get_source(config.dataset)
   if source.num_classes < 2:
@@ -120,7 +122,8 @@ def knn(config, workdir: str) -> dict:
                     "classes")
   for split in (config.dataset.train_split, config.dataset.eval_split):
     source.check_split(split)
-  images = jax.numpy.zeros((1, pre.image_size, pre.image_size, 3))
+  knn_eval.check_pool(method, pre.image_size, config.knn.pool, "config.knn.pool")
+  images = jax.numpy.zeros((1, *configlib.image_hw(pre.image_size), 3))
   fresh = method.init_params(jax.random.PRNGKey(config.seed), images)
   if config.random_init:
     params, step = fresh, None
@@ -133,17 +136,20 @@ def knn(config, workdir: str) -> dict:
     params, step = {**fresh, method.encoder_key: encoder}, meta.get("step")
   workdir = workdirs.absolute(workdir)
   train.check_workdir(workdir)
+  with lock.hold(workdir):
+    return _score_knn(config, workdir, pre, method, params, source, step)
+
+
+def _score_knn(config, workdir: str, pre, method, params, source, step) -> dict:
   k = config.knn
   result = evaluate_knn(pre, method, params, source, k=k.k, temperature=k.temperature,
                         pool=k.pool or None, batch_size=config.batch_size)
   result = {**result, "k": k.k, "temperature": k.temperature, "init_from": config.init_from,
             "pretrain_step": step, "random_init": bool(config.random_init),
             "method": pre.method}
-  with tf.io.gfile.GFile(os.path.join(workdir, "knn.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  writer.write(step or 0, {"knn_top1": result["knn_top1"]})
-  writer.close()
+  write_atomic(os.path.join(workdir, "knn.json"), json.dumps(result, indent=2))
+  with MetricWriter(workdir, enabled=jax.process_index() == 0, config=config) as writer:
+    writer.write(step or 0, {"knn_top1": result["knn_top1"]})
   origin = "random init" if config.random_init else f"step {step}"
   print(f"k-NN top-1 {result['knn_top1']:.4f} ({pre.method} {origin}, k={k.k}, "
         f"T={k.temperature})", flush=True)
@@ -153,8 +159,26 @@ def knn(config, workdir: str) -> dict:
 TASKS = {"pretrain": pretrain, "finetune": downstream, "linprobe": downstream, "knn": knn}
 
 
-def run(config, workdir: str, **kwargs) -> dict:
-  """Runs config.task in `workdir` (`kwargs`: devices, stop_at_step for the training tasks)."""
+def check_config(config) -> None:
+  """Every value of the config, before any data, model, file or workdir is read: the shared
+  keys, config.evals and the task's own (the pretraining method's, the classifier's, k-NN's)."""
   if config.task not in TASKS:
     raise UserError(f"unknown config.task {config.task!r}; one of {sorted(TASKS)}")
+  configlib.check_legacy_keys(config)
+  configlib.validate_common(config)
+  evaluators.check_config(config)
+  if config.task == "pretrain":
+    methods.check_config(config)
+  elif config.task == "knn":
+    knn_eval.check_task_config(config)
+  else:
+    DOWNSTREAM[config.task].check_config(config)
+
+
+def run(config, workdir: str, **kwargs) -> dict:
+  """Runs config.task in `workdir` (`kwargs`: devices, stop_at_step, allow_config_change for the
+  training tasks)."""
+  check_config(config)
+  if config.task == "knn":  # scores once: nothing to resume.
+    kwargs.pop("allow_config_change", None)
   return TASKS[config.task](config, workdir, **kwargs)

@@ -16,6 +16,7 @@ the seed, and do not depend on the number of devices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,10 +34,12 @@ import optax
 import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mae_jax import configlib, data, optim
+from mae_jax import configlib, data, lock, optim
+from mae_jax import workdir as workdirs
+from mae_jax.atomic import write_atomic
 from mae_jax.checkpoint import Checkpointer
 from mae_jax.errors import UserError
-from mae_jax.metric_writers import MetricWriter, progress_line
+from mae_jax.metric_writers import MetricWriter, progress_line, read_jsonl
 from mae_jax.models.vit import cast_params, stack_blocks, unstack_blocks
 from mae_jax.trainable import Trainable
 
@@ -92,6 +95,10 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   lax.scan before one optimizer update; the model state is threaded through the micro-batches.
   With `compute_dtype` bfloat16 the loss sees a bfloat16 copy of the params (mixed precision:
   the float32 masters get float32 gradients and updates).
+
+  A step whose loss, gradients or updates are not finite changes nothing but the step counter
+  (params, optimizer and model state stay as they were) and reports metrics['nonfinite'] = 1:
+  the check runs on every step, on the device, at the cost of one select per array.
   """
   grad_fn = jax.value_and_grad(
       lambda params, *args: loss_fn(cast_params(params, compute_dtype), *args), has_aux=True)
@@ -123,7 +130,14 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    grad_norm = optax.tree.norm(grads)
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) &
+              jnp.isfinite(optax.tree.norm(updates)))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state, model_state = keep((params, opt_state, model_state),
+                                          (state.params, state.opt_state, state.model_state))
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                   nonfinite=1.0 - finite.astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          model_state=model_state), metrics
 
@@ -270,7 +284,7 @@ def build_update(config, mesh: Mesh, plan: Plan, trainable: Trainable) -> Update
                                  config.optimizer.min_lr)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  image_shape = (1, config.image_size, config.image_size, 3)
+  image_shape = (1, *configlib.image_hw(config.image_size), 3)
   shapes = jax.eval_shape(trainable.init_state, jax.random.PRNGKey(0),
                           jnp.zeros(image_shape, jnp.float32))
   tx = trainable.optimizer(schedule, shapes[0])
@@ -315,13 +329,16 @@ def prepare(config, devices: Optional[Sequence[jax.Device]] = None) -> Setup:
 
 
 def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: Sequence,
-                       setup: Setup, stop_at_step: Optional[int] = None) -> dict:
-  """Trains `trainable` in `workdir`, resuming from its latest checkpoint (a fresh run starts
-  from `trainable.initial_weights`), and runs each evaluator when `due(step)`. With
+                       setup: Setup, stop_at_step: Optional[int] = None,
+                       allow_config_change: bool = False) -> dict:
+  """Trains `trainable` in `workdir`, resuming from its newest intact checkpoint (a fresh run
+  starts from `trainable.initial_weights`), and runs each evaluator when `due(step)`. With
   config.best_metric ('<eval>/<metric>') the state of its highest value is kept in WORKDIR/best.
 
-  `stop_at_step` ends the run early (after saving a checkpoint) as a preemption would; SIGTERM
-  or a preemption notice seen by Orbax (multi-host) does the same.
+  One run per workdir (WORKDIR/run.lock). A workdir with checkpoints resumes only with the
+  training config it was written with (configlib.training_changes), unless
+  `allow_config_change`. `stop_at_step` ends the run early (after saving a checkpoint) as a
+  preemption would; SIGTERM or a preemption notice seen by Orbax (multi-host) does the same.
   Returns {'state': final TrainState, 'history': [logged scalars]} (for tests and notebooks).
   """
   mesh, plan = setup.mesh, setup.plan
@@ -333,29 +350,37 @@ def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: S
   def gathered(state):  # evaluators take replicated weights (an all-gather under FSDP).
     return jax.device_put(state, replicated) if update.fsdp else state
 
-  # --- Checkpoints: resume from the latest one, or start fresh.
-  ckpt = Checkpointer(workdir, config.keep_checkpoints)
-  best_ckpt = Checkpointer(workdir, 1, name="best") if config.best_metric else None
-  best_value = best_ckpt.best_metric(config.best_metric) if best_ckpt else None
-  state, start_step = restore_or_init(config, ckpt, update, trainable)
-  is_writer = jax.process_index() == 0
-  if is_writer:
-    write_run_record(config, workdir, trainable)
-  writer = MetricWriter(workdir, enabled=is_writer)
-  print(summary_line(trainable, state, mesh, plan), flush=True)
+  with contextlib.ExitStack() as cleanup:  # closed in reverse: input, writers, checkpoints, lock.
+    cleanup.enter_context(lock.hold(workdir))
+    # --- Checkpoints: resume from the newest intact one, or start fresh.
+    ckpt = Checkpointer(workdir, config.keep_checkpoints)
+    cleanup.callback(ckpt.close)
+    best_ckpt = Checkpointer(workdir, 1, name="best") if config.best_metric else None
+    if best_ckpt:
+      cleanup.callback(best_ckpt.close)
+    best_value = best_ckpt.best_metric(config.best_metric) if best_ckpt else None
+    check_run_record(config, workdir, ckpt, allow_config_change)
+    state, start_step = restore_or_init(config, ckpt, update, trainable)
+    is_writer = jax.process_index() == 0
+    if is_writer and start_step < plan.total_steps:
+      write_run_record(config, workdir, trainable)
+    # A finished run writes nothing, not even an empty TensorBoard file (or a W&B run).
+    writer = cleanup.enter_context(MetricWriter(
+        workdir, enabled=is_writer and start_step < plan.total_steps, config=config))
+    print(summary_line(trainable, state, mesh, plan), flush=True)
 
-  # --- Input: the data stream continues where the checkpoint left it.
-  batches = Prefetch(data.train_batches(
-      setup.source, config.dataset, split=config.dataset.train_split,
-      image_size=config.image_size, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count()), config.dataset.prefetch)
+    # --- Input: the data stream continues where the checkpoint left it.
+    batches = Prefetch(data.train_batches(
+        setup.source, config.dataset, split=config.dataset.train_split,
+        image_size=config.image_size, global_batch_size=config.batch_size, seed=config.seed,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count()), config.dataset.prefetch)
+    cleanup.callback(batches.close)
 
-  # --- Loop.
-  history, log = [], StepLog(config, plan)
-  compiled = None
-  stop_signal = StopSignal().__enter__()
-  try:
+    # --- Loop.
+    history, log = [], StepLog(config, plan)
+    compiled = None
+    stop_signal = cleanup.enter_context(StopSignal())
     for step in range(start_step, plan.total_steps):
       batch = to_global(next(batches), batch_sharding)
       if compiled is None:
@@ -366,19 +391,25 @@ def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: S
         writer.write(step, {"compile_s": compile_s})
         log.restart_clock()
       state, metrics = compiled(state, batch)
-      log.add(metrics)
       done = step + 1
+      log.add(done, metrics)
       preempted = ckpt.reached_preemption(done) or stop_signal.received is not None
       stop = preempted or (stop_at_step is not None and done >= stop_at_step)
-      if done % config.log_every_steps == 0 or done == plan.total_steps or stop:
+      due_log = done % config.log_every_steps == 0 or done == plan.total_steps or stop
+      due_save = done % config.checkpoint_every_steps == 0 or done == plan.total_steps or stop
+      due = [e for e in evaluators if e.due(done)]
+      # Non-finite steps were not applied; with 'stop' the run ends before anything reports
+      # or saves past one (waiting for the step's flag only when something is due).
+      bad = log.first_nonfinite(wait=due_log or due_save or bool(due))
+      if bad is not None and config.nan_policy == "stop":
+        raise NonFiniteStep(bad, ckpt)
+      if due_log:
         scalars = log.flush(done)
         writer.write(done, scalars)
         history.append({"step": done, **scalars})
-      if done % config.checkpoint_every_steps == 0 or done == plan.total_steps or stop:
+      if due_save:
         ckpt.save(done, state, _meta(config, done, plan))
-      for evaluator in evaluators:
-        if not evaluator.due(done):
-          continue
+      for evaluator in due:
         t0 = time.perf_counter()
         results = evaluator.run(gathered(state))
         scalars = {f"{evaluator.name}/{k}": float(v) for k, v in results.items()
@@ -401,28 +432,38 @@ def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: S
     if start_step >= plan.total_steps:
       print(f"nothing to do: the latest checkpoint is at step {start_step} of "
             f"{plan.total_steps}", flush=True)
-  finally:
-    stop_signal.__exit__()
-    batches.close()
-    for c in (ckpt, best_ckpt):
-      if c is not None:
-        c.wait()
-        c.close()
-    writer.close()
   return {"state": state, "history": history}
 
 
+class NonFiniteStep(UserError):
+  """The loss or the gradients of a step were not finite (config.nan_policy='stop')."""
+
+  def __init__(self, step: int, ckpt: Checkpointer):
+    latest = ckpt.latest_step()
+    last = (f"the last good checkpoint is step {latest} in {ckpt.directory}" if latest is not None
+            else "no checkpoint was saved yet")
+    super().__init__(
+        f"loss or gradients are not finite at step {step}: stopped without saving it; {last}; "
+        "re-run to resume from it (with a lower learning rate: add --allow_config_change; "
+        "--config.nan_policy=skip skips such steps)")
+    self.step = step
+
+
 def restore_or_init(config, ckpt: Checkpointer, update: Update, trainable: Trainable):
-  """(state, start step): the latest checkpoint's, or fresh weights (the trainable's initial
-  weights where it has them, e.g. a pretrained encoder) at step 0."""
+  """(state, start step): the newest intact checkpoint's (damaged ones are moved aside), or
+  fresh weights (the trainable's initial weights where it has them, e.g. a pretrained encoder)
+  at step 0."""
   seed_key = jax.random.PRNGKey(config.seed)
   shardings = update.shardings
-  start_step = ckpt.latest_step()
-  if start_step is not None:
+  if ckpt.all_steps():
     abstract = jax.eval_shape(update.init_state, seed_key)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             abstract, shardings)
-    state, meta = ckpt.restore(start_step, abstract)
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+      raise UserError(f"every checkpoint in {ckpt.directory} is damaged (moved to "
+                      f"{ckpt.damaged_directory}); re-run to start this workdir from scratch")
+    state, meta, start_step = restored
     if meta.get("batch_size") != config.batch_size:
       print(f"warning: checkpoint was written with batch_size={meta.get('batch_size')}, "
             f"resuming with {config.batch_size}; the data stream position is recomputed")
@@ -442,14 +483,33 @@ def restore_or_init(config, ckpt: Checkpointer, update: Update, trainable: Train
   return state, 0
 
 
+def check_run_record(config, workdir: str, ckpt: Checkpointer,
+                     allow_config_change: bool = False) -> None:
+  """A workdir with checkpoints continues only with the training config of its config.json:
+  UserError listing the differences (configlib.training_changes) unless
+  `allow_config_change`, which prints them instead."""
+  path = os.path.join(workdir, workdirs.CONFIG_FILE)
+  if not ckpt.all_steps() or not tf.io.gfile.exists(path):
+    return
+  stored = workdirs.read_config(workdir).to_dict()
+  changes = configlib.training_changes(stored, json.loads(config.to_json_best_effort()))
+  if not changes:
+    return
+  listed = "; ".join(changes[:6]) + (f"; ... ({len(changes) - 6} more)" if len(changes) > 6
+                                     else "")
+  if not allow_config_change:
+    raise UserError(f"{workdir} holds a run trained with another config ({listed}); resume "
+                    "with its values, use another --workdir, or pass --allow_config_change")
+  print(f"warning: continuing {workdir} with a changed config ({listed})", flush=True)
+
+
 def write_run_record(config, workdir: str, trainable: Trainable) -> None:
   """WORKDIR/config.json (the resolved config: what readers rebuild the model from) and the
-  trainable's own files."""
-  files = {"config.json": config.to_json_best_effort(indent=2, sort_keys=True),
+  trainable's own files, each replaced atomically."""
+  files = {workdirs.CONFIG_FILE: config.to_json_best_effort(indent=2, sort_keys=True),
            **trainable.workdir_files()}
   for file_name, text in files.items():
-    with tf.io.gfile.GFile(os.path.join(workdir, file_name), "w") as f:
-      f.write(text)
+    write_atomic(os.path.join(workdir, file_name), text)
 
 
 def summary_line(trainable: Trainable, state: TrainState, mesh: Mesh, plan: Plan) -> str:
@@ -464,31 +524,50 @@ def summary_line(trainable: Trainable, state: TrainState, mesh: Mesh, plan: Plan
 
 class StepLog:
   """Device metrics since the last log, fetched together (one host sync per log, not per
-  step), averaged, with throughput, epoch and the progress line."""
+  step), averaged over the applied steps, with throughput, epoch and the progress line; and
+  each step's non-finite flag, read as soon as it is computed (`first_nonfinite`)."""
 
   def __init__(self, config, plan: Plan):
     self.batch_size, self.plan = config.batch_size, plan
-    self.pending: list = []
+    self.report_skipped = config.get("nan_policy", "stop") == "skip"
+    self.pending: list = []  # (step, metrics on device)
+    self.unchecked = 0  # index of the first pending step whose flag was not read.
     self.restart_clock()
 
   def restart_clock(self) -> None:
     self.t0 = time.perf_counter()
 
-  def add(self, metrics) -> None:
-    self.pending.append(metrics)
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def first_nonfinite(self, wait: bool = False) -> Optional[int]:
+    """The first step since the last call whose update was not finite (not applied), or None.
+
+    Reads the flags of steps already computed; with `wait` it waits for all of them."""
+    while self.unchecked < len(self.pending):
+      step, metrics = self.pending[self.unchecked]
+      flag = metrics["nonfinite"]
+      if not wait and not flag.is_ready():
+        return None
+      self.unchecked += 1
+      if float(flag):
+        return step
+    return None
 
   def flush(self, step: int) -> dict[str, float]:
-    fetched = jax.device_get(self.pending)
-    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    fetched = jax.device_get([m for _, m in self.pending])
+    applied = [m for m in fetched if not m["nonfinite"]] or fetched
+    scalars = {k: float(np.mean([m[k] for m in applied])) for k in fetched[0]
+               if k != "nonfinite"}
     scalars["lr"] = float(fetched[-1]["lr"])
+    if self.report_skipped:
+      scalars["skipped_steps"] = float(sum(m["nonfinite"] for m in fetched))
     elapsed = time.perf_counter() - self.t0
     scalars["img_per_s"] = len(fetched) * self.batch_size / max(elapsed, 1e-9)
     scalars["epoch"] = step / self.plan.steps_per_epoch
-    if not np.isfinite(scalars["loss"]):
-      raise FloatingPointError(f"loss is {scalars['loss']} at step {step}")
     eta = (self.plan.total_steps - step) * elapsed / len(fetched)
     print(progress_line(step, self.plan.total_steps, scalars, eta), flush=True)
-    self.pending = []
+    self.pending, self.unchecked = [], 0
     self.restart_clock()
     return scalars
 
@@ -502,5 +581,4 @@ def _meta(config, step: int, plan: Plan) -> dict:
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of WORKDIR/metrics.jsonl, in order."""
-  with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))

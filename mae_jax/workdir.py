@@ -8,6 +8,11 @@
 Everything that reads a workdir of ours (downstream tasks, TinyMIM's teacher, conversion,
 analysis) goes through this module, so each file has one reader and every "names or shapes
 differ" problem is reported by one function, `describe_mismatch`. Nothing here writes.
+
+Integrity: every checkpoint's meta holds a checksum of each array (`tree_checksums`, computed on
+the devices when it is saved); readers verify the arrays they restore against it, so a flipped
+bit, a truncated or a missing file is reported as a damaged checkpoint (`DamagedCheckpoint`, one
+line) instead of loading wrong numbers or failing deep inside Orbax.
 An evaluation needs the params only and must not rebuild the optimizer (its structure depends on
 the pretraining config): the abstract tree is read from the checkpoint's own metadata and only
 the wanted subtrees of 'state' are restored (Orbax partial restore).
@@ -20,6 +25,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -100,6 +106,56 @@ def check_fits(expected: Params, got: Params, where: str = "pretrained params") 
     raise UserError(f"{where} does not fit the model: {problem}")
 
 
+# ----------------------------------------------------------------------------- integrity
+
+
+class DamagedCheckpoint(UserError):
+  """A checkpoint whose files cannot be read or whose arrays differ from their checksums."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of `x` as a flat uint32 vector (narrower dtypes widened, 64-bit ones split)."""
+  x = jnp.ravel(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).ravel().astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """sum_i word_i * (2i + 1) mod 2**32. Odd weights make every single-bit flip change the sum
+  (2**k * odd is never 0 mod 2**32) and position-dependent; integer addition mod 2**32 is exact
+  in any order, so the value does not depend on the sharding or the device count."""
+  w = _words(x)
+  weights = jnp.arange(w.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.sum(w * weights, dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_checksum, tree))
+
+
+def tree_checksums(tree) -> dict[str, int]:
+  """{'params/encoder/...': checksum} of every array of `tree` (sharded arrays included: the
+  sums run where the arrays live and only the scalars are fetched)."""
+  sums = jax.device_get(_checksums(tree))
+  return {name: int(v) for name, v in zip(flat_shapes(tree), jax.tree.leaves(sums))}
+
+
+def verify_checksums(tree, expected: Optional[Mapping[str, int]], where: str,
+                     prefix: str = "") -> None:
+  """DamagedCheckpoint unless every array of `tree` has its stored checksum (`expected`, from
+  the checkpoint's meta; arrays named `prefix` + name there). Checkpoints written before
+  checksums were stored (`expected` None) pass."""
+  if not expected:
+    return
+  got = tree_checksums(tree)
+  bad = [name for name, v in got.items()
+         if prefix + name in expected and int(expected[prefix + name]) != v]
+  if bad:
+    differ = _listed("arrays differ from their checksums", bad, 3)
+    raise DamagedCheckpoint(f"checkpoint {where} is damaged: {differ}")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -129,14 +185,23 @@ def _pick_step(manager, directory, step: Optional[int]) -> int:
   return step
 
 
-def _stored_state(manager, directory, step: int) -> dict:
-  """The checkpoint's state metadata tree (shapes and dtypes, no arrays)."""
+def read_state_metadata(manager, step: int) -> tuple[Optional[dict], Optional[str]]:
+  """(the checkpoint's state metadata tree: shapes and dtypes, no arrays; None) or
+  (None, why it is damaged)."""
   try:
     stored = manager.item_metadata(step)["state"]
-    return getattr(stored, "tree", stored)  # TreeMetadata -> nested dict
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise UserError(f"checkpoint {directory} step {step} has no readable state: "
-                    f"{first_line(e)}") from None
+    stored = getattr(stored, "tree", stored)  # TreeMetadata -> nested dict
+  except Exception as e:  # Orbax raises many types for missing or truncated metadata files.
+    return None, f"its state metadata is unreadable ({first_line(e)})"
+  return (stored, None) if stored else (None, "its state metadata is missing")
+
+
+def _stored_state(manager, directory, step: int) -> dict:
+  stored, error = read_state_metadata(manager, step)
+  if error:
+    raise DamagedCheckpoint(f"checkpoint {directory} step {step} is damaged: {error}"
+                            f"{_other_steps(manager, step)}")
+  return stored
 
 
 def stored_shapes(path: str, key: str = "params", step: Optional[int] = None
@@ -167,6 +232,7 @@ def restore_items(path: str, keys: tuple[str, ...] = ("params",), step: Optional
   manager = _manager(directory)
   try:
     step = _pick_step(manager, directory, step)
+    others = _other_steps(manager, step)
     stored = _stored_state(manager, directory, step)
     wanted = {k: stored[k] for k in keys if k in stored and jax.tree.leaves(stored[k])}
     if keys[0] not in wanted:
@@ -174,15 +240,30 @@ def restore_items(path: str, keys: tuple[str, ...] = ("params",), step: Optional
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                             wanted)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=abstract, partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
-        meta=ocp.args.JsonRestore()))
+    where = f"{directory} step {step}"
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item=abstract, partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # missing or truncated array files, a missing meta item, ...
+      raise DamagedCheckpoint(f"checkpoint {where} is damaged: {first_line(e)}{others}") from None
   finally:
     manager.close()
-  state = {k: unstack_blocks(v) for k, v in dict(restored["state"]).items()}
-  return state, dict(restored["meta"])
+  meta = dict(restored["meta"] or {})
+  state = dict(restored["state"])
+  try:
+    verify_checksums(state, meta.get("checksums"), where)
+  except DamagedCheckpoint as e:
+    raise DamagedCheckpoint(f"{e}{others}") from None
+  meta.pop("checksums", None)
+  return {k: unstack_blocks(v) for k, v in state.items()}, meta
+
+
+def _other_steps(manager, step: int) -> str:
+  others = [s for s in sorted(manager.all_steps()) if s != step]
+  return f" (other checkpoints there: steps {others})" if others else ""
 
 
 def load_params(path: str, step: Optional[int] = None,

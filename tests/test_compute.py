@@ -14,11 +14,12 @@ from mae_jax.models.vit import Compute, ViT, cast_params, stack_blocks, unstack_
 from conftest import flat, small_config
 
 
-def _run(tmp_path, data_dir, name, devices=1, **overrides):
+def _run(tmp_path, data_dir, name, devices=1, allow_config_change=False, **overrides):
   # Two decoder blocks so that the decoder's blocks are scanned too.
   config = small_config(data_dir, **{"model.decoder_depth": 2, "total_steps": 3,
                                      "log_every_steps": 1, **overrides})
-  return tasks.pretrain(config, str(tmp_path / name), devices=jax.devices()[:devices])
+  return tasks.pretrain(config, str(tmp_path / name), devices=jax.devices()[:devices],
+                        allow_config_change=allow_config_change)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +133,8 @@ def test_fsdp_shards_state_and_matches_replicated(tmp_path, digits_data_dir, mon
                  str(getattr(k, "key", getattr(k, "name", ""))) for k in path)]
   assert len(moments) == 2  # Adam's mu and nu, sharded like their parameter.
   assert all(m.sharding.spec == kernel.sharding.spec for m in moments)
-  # Resuming restores the sharded state from the Orbax checkpoint.
-  again = _run(tmp_path, digits_data_dir, "fsdp", devices=2,
+  # Resuming (with a longer schedule) restores the sharded state from the Orbax checkpoint.
+  again = _run(tmp_path, digits_data_dir, "fsdp", devices=2, allow_config_change=True,
                **{"compute.fsdp": True, "total_steps": 3})
   assert [h["step"] for h in again["history"]] == [3]
 

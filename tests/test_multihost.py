@@ -46,13 +46,15 @@ def test_when_processes_join():
     init("auto", "localhost:1234", 2, 2, environ={})
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, digits_data_dir):
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
   """Two processes with 2 CPU devices each (the real CLI, jax.distributed over gloo) against one
-  process with 4 devices fed the same global batches: the same losses and final parameters."""
+  process with 4 devices fed the same global batches: the same losses and final parameters.
+  The data_dir is fresh: the two processes find the digits unprepared, and only one prepares."""
   steps = 3
+  data_dir = str(tmp_path / "tfds")
   flags = [f"--config={REPO}/configs/mae.py", f"--workdir={tmp_path / 'two'}", *SMALL,
            f"--config.total_steps={steps}", "--config.log_every_steps=1",
-           f"--config.dataset.data_dir={digits_data_dir}"]
+           f"--config.dataset.data_dir={data_dir}"]
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, "-m", "mae_jax.main", *flags, f"--coordinator_address=localhost:{port}",
@@ -62,13 +64,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, di
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   assert "process 1 of 2: 2 local devices, 4 in all" in outs[1]
+  assert "preparing mae_jax_digits" in outs[0] and "preparing" not in outs[1]
   with open(tmp_path / "two" / "metrics.jsonl") as f:
     logged = [r for r in map(json.loads, f) if "loss" in r]
   assert [r["step"] for r in logged] == list(range(1, steps + 1))
 
   # The same run in this process: 4 devices, each step's global batch = process 0's rows then
   # process 1's, as make_array_from_process_local_data lays them out.
-  config = small_config(digits_data_dir, total_steps=steps, log_every_steps=1)
+  config = small_config(data_dir, total_steps=steps, log_every_steps=1)
   source = data.get_source(config.dataset)
   mesh = train.make_mesh(jax.devices()[:4])
   spe = data.steps_per_epoch(source, config.dataset.train_split, config.batch_size, 2)
@@ -120,8 +123,9 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, digit
   step = int(stopped[0].split()[3].rstrip(";"))
   assert step >= 2 and sorted(os.listdir(workdir / "checkpoints")) == [str(step)]
 
-  # The same command (here with a nearby end so the test is short) resumes from that step.
-  r = subprocess.run([sys.executable, "-m", "mae_jax.main", *flags,
+  # The same command (here with a nearby end so the test is short: a deliberate change of the
+  # schedule) resumes from that step.
+  r = subprocess.run([sys.executable, "-m", "mae_jax.main", *flags, "--allow_config_change",
                       f"--config.total_steps={step + 1}"], cwd=REPO, env=_env(1),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]

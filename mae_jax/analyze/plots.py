@@ -6,11 +6,14 @@ figsize * DPI exactly (the sizes below; tests check them).
 
 from __future__ import annotations
 
+import io
 import textwrap
 from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from mae_jax.atomic import write_atomic
 
 DPI = 100
 LAYER_FIGSIZE = (6.0, 4.0)  # per-layer plots: 600 x 400 px.
@@ -25,7 +28,9 @@ def recon_figsize(num_images: int, num_rows: int) -> tuple[float, float]:
 
 
 def _save(fig: Figure, path: str) -> str:
-  fig.savefig(path, dpi=DPI, format="png", facecolor="white")
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=DPI, format="png", facecolor="white")
+  write_atomic(path, buffer.getvalue())
   return path
 
 

@@ -1,6 +1,6 @@
 """The analyses of `python -m mae_jax.analyze`: each writes OUT/<name>.png and OUT/<name>.json.
 
-  recon               N validation images: original / masked input / reconstruction /
+  recon               N images: original / masked input / reconstruction /
                       reconstruction with the visible patches pasted back (methods with a
                       `reconstruct` hook: MAE, ConvMAE, SimMIM, SplitMask).
   attention_distance  averaged attention distance (input pixels) per layer and head of the
@@ -13,8 +13,11 @@
                       the visible patches placed where the model puts them; droppos_accuracy.png:
                       accuracy per true position).
 
-Definitions of the numbers: mae_jax.analyze.metrics. Every ViT encoder of our methods works, and
-ConvMAE's stage-3 transformer blocks (16 px per token). One process, the first local device.
+The images are a split of the run's dataset (eval transform), or the user's own files
+(`open_workdir(images=FILE_OR_FOLDER)`, the same transform, no dataset opened). Definitions of the
+numbers: mae_jax.analyze.metrics. Every ViT encoder of our methods works, and ConvMAE's stage-3
+transformer blocks (16 px per token); an imported encoder-only release gets the attention
+analyses. One process, the first local device.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,17 +37,72 @@ import numpy as np
 import tensorflow as tf
 from flax import traverse_util
 
-from mae_jax import data
+from mae_jax import api, data
 from mae_jax import workdir as workdirs
 from mae_jax.analyze import metrics
+from mae_jax.atomic import write_atomic
 from mae_jax.errors import UserError
 from mae_jax.evaluators import panels as image_panels
 from mae_jax.methods import get_method
-from mae_jax.models.vit import Block
+from mae_jax.models.vit import Block, ViT
 
 ANALYSES = ("recon", "attention_distance", "head_diversity", "cka", "droppos")
 ATTENTION_ANALYSES = ("attention_distance", "head_diversity", "cka")
 DEFAULT_OUT = "analysis"  # under the workdir
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A pretraining workdir's model, ready for analysis."""
+  config: ml_collections.ConfigDict  # float32, unrolled blocks (they sow the attention maps)
+  method: Any
+  params: Any
+  step: int
+  whole: bool  # params hold the whole model; False: the encoder alone (an encoder-only import)
+
+
+def encoder_for(method, params) -> Any:
+  """The encoder module of params[method.encoder_key]: the method's own, or for a ViT whose params
+  carry a `pos_embed` (an imported supervised ViT's learned one) that ViT with
+  learnable_pos_embed, so the stored embedding is used instead of the sin-cos constant."""
+  module = method.encoder_module
+  if (isinstance(module, ViT) and not module.learnable_pos_embed
+      and "pos_embed" in params[method.encoder_key]):
+    return module.clone(parent=None, learnable_pos_embed=True)
+  return module
+
+
+def check_params(method, params, image_size: int, where: str) -> bool:
+  """UserError (one line) unless `params` fit `method` at `image_size`: the whole tree, or its
+  encoder alone (an encoder-only release; a learned ViT pos_embed included). True for the whole
+  tree."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  expected = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
+  key = method.encoder_key
+  encoder = encoder_for(method, params) if key in params else method.encoder_module
+  if encoder is not method.encoder_module:
+    expected = {**expected, key: jax.eval_shape(encoder.init, jax.random.PRNGKey(0),
+                                                images)["params"]}
+  if key in params and set(params) == {key} != set(expected):
+    workdirs.check_fits(expected[key], params[key], f"{where} (encoder only)")
+    return False
+  workdirs.check_fits(expected, params, where)
+  return True
+
+
+def load_model(workdir: str, step: int = 0) -> Loaded:
+  """The config and params of checkpoint `step` (0 = latest) of a pretraining workdir; UserError
+  for a missing workdir or checkpoint, another task's workdir, or a checkpoint of another model."""
+  config = workdirs.read_config(workdir, "a pretraining workdir")
+  if config.get("task", "pretrain") != "pretrain":
+    raise UserError(f"{workdir} is a {config.task!r} workdir; a pretraining workdir is needed")
+  if "compute" in config:  # float32, unrolled blocks: scanned blocks sow no attention maps.
+    config.compute.update(dtype="float32", remat=False, scan=False)
+  method = get_method(config)
+  params, meta = workdirs.load_params(workdir, step or None)
+  whole = check_params(method, params, config.image_size, f"checkpoint of {workdir}")
+  return Loaded(config=config, method=method, params=params, step=int(meta.get("step", step)),
+                whole=whole)
 
 
 @dataclasses.dataclass
@@ -55,31 +113,50 @@ class Run:
   method: Any
   params: Any
   step: int
-  source: data.Source
+  source: Optional[data.Source]  # None with `images`
   split: str
   out: str
   num_images: int = 8
   stat_images: int = 256  # 0 = the whole split
   batch_size: int = 64
   seed: int = 0
+  images: tuple[str, ...] = ()  # the user's image files, read instead of a split
+  images_from: str = ""  # the file or folder they were given as
+  whole: bool = True  # False: the params are the encoder alone (no recon, no droppos)
 
   @property
   def key(self) -> jax.Array:
     return jax.random.PRNGKey(self.seed)
 
+  @property
+  def label(self) -> str:
+    """What the images are, for figure titles: the split, or the name of the user's folder."""
+    if not self.images:
+      return self.split
+    return os.path.basename(os.path.normpath(self.images_from)) or self.images_from
+
   def header(self, analysis: str) -> dict:
-    return {"analysis": analysis, "workdir": self.workdir, "step": self.step,
-            "method": self.config.method, "variant": self.config.model.get("variant"),
-            "image_size": self.config.image_size, "split": self.split, "seed": self.seed}
+    record = {"analysis": analysis, "workdir": self.workdir, "step": self.step,
+              "method": self.config.method, "variant": self.config.model.get("variant"),
+              "image_size": self.config.image_size, "split": self.split or None,
+              "seed": self.seed}
+    if self.images:
+      record["images"] = os.path.abspath(self.images_from)
+    return record
 
   def write_json(self, name: str, record: dict) -> str:
     path = os.path.join(self.out, f"{name}.json")
-    with tf.io.gfile.GFile(path, "w") as f:
-      json.dump(record, f, indent=2)
+    write_atomic(path, json.dumps(record, indent=2))
     return path
 
+  def _read(self, paths) -> np.ndarray:
+    d = self.config.dataset
+    return api.read_images(list(paths), self.config.image_size, d.mean, d.std)
+
   def first_images(self) -> np.ndarray:
-    """The first `num_images` images of the split (eval transform), [n, s, s, 3]."""
+    """The first `num_images` images of the split or of `images` (eval transform), [n, s, s, 3]."""
+    if self.images:
+      return self._read(self.images[:self.num_images])
     batches = data.eval_batches(self.source, self.config.dataset, split=self.split,
                                 image_size=self.config.image_size,
                                 global_batch_size=self.num_images)
@@ -90,9 +167,12 @@ class Run:
     return batch["image"][batch["mask"] > 0]
 
   def batches(self, limit: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images [batch_size, s, s, 3], weights [batch_size]) over the split in order until
-    `limit` images (0: all). Weight 0 marks padding and images past the limit, so every batch
-    has one shape (one compilation)."""
+    """(images [batch_size, s, s, 3], weights [batch_size]) over the split (or `images`) in order
+    until `limit` images (0: all). Weight 0 marks padding and images past the limit, so every
+    batch has one shape (one compilation)."""
+    if self.images:
+      yield from self._image_batches(limit)
+      return
     batches = data.eval_batches(self.source, self.config.dataset, split=self.split,
                                 image_size=self.config.image_size,
                                 global_batch_size=self.batch_size)
@@ -111,36 +191,46 @@ class Run:
     finally:
       batches.close()
 
+  def _image_batches(self, limit: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    paths = self.images[:limit] if limit else self.images
+    for start in range(0, len(paths), self.batch_size):
+      images = self._read(paths[start:start + self.batch_size])
+      weights = np.zeros(self.batch_size, np.float32)
+      weights[:len(images)] = 1.0
+      pad = np.zeros((self.batch_size - len(images),) + images.shape[1:], np.float32)
+      yield np.concatenate([images, pad]), weights
+
 
 def open_workdir(workdir: str, *, step: int = 0, split: str = "", out: str = "",
-                 data_dir: str = "", **options) -> Run:
-  """Reads WORKDIR/config.json and the params of checkpoint `step` (0 = latest); UserError for a
-  missing workdir or checkpoint, a checkpoint of another model, or an unknown split."""
+                 data_dir: str = "", images: str = "", **options) -> Run:
+  """Reads WORKDIR/config.json and the params of checkpoint `step` (0 = latest), and opens the
+  run's dataset, or with `images` (an image file or a folder of them, up to
+  options['num_images']) only those files; UserError for a missing workdir or checkpoint, a
+  checkpoint of another model, an unknown split, or no readable image files."""
   if not workdir:
     raise UserError("--workdir is required")
-  config = workdirs.read_config(workdir, "a pretraining workdir")
-  if config.get("task", "pretrain") != "pretrain":
-    raise UserError(f"{workdir} is a {config.task!r} workdir; the analyses read pretraining "
-                    "workdirs")
-  if data_dir:
-    config.dataset.data_dir = data_dir
-  if "compute" in config:  # float32, unrolled blocks: scanned blocks sow no attention maps.
-    config.compute.update(dtype="float32", remat=False, scan=False)
-  method = get_method(config)
-  params, meta = workdirs.load_params(workdir, step or None)
-  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-  expected = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
-  workdirs.check_fits(expected, params, f"checkpoint of {workdir}")
-  source = data.get_source(config.dataset)
-  split = split or config.dataset.eval_split
-  source.check_split(split)
+  if images and (split or data_dir):
+    raise UserError(f"--images reads {images} instead of a dataset split: drop "
+                    f"{'--split' if split else '--data_dir'}")
+  loaded = load_model(workdir, step)
+  config = loaded.config
+  source, files = None, ()
+  if images:  # checked before the output folder is made: a typo leaves nothing behind.
+    files = tuple(api.image_files(images, options.get("num_images", 8)))
+  else:
+    if data_dir:
+      config.dataset.data_dir = data_dir
+    source = data.get_source(config.dataset)
+    split = split or config.dataset.eval_split
+    source.check_split(split)
   out = out or os.path.join(workdir, DEFAULT_OUT)
   try:
     tf.io.gfile.makedirs(out)
   except (tf.errors.OpError, OSError) as e:
     raise UserError(f"--out {out} cannot be created: {type(e).__name__}") from None
-  return Run(workdir=workdir, config=config, method=method, params=params,
-             step=int(meta.get("step", step)), source=source, split=split, out=out, **options)
+  return Run(workdir=workdir, config=config, method=loaded.method, params=loaded.params,
+             step=loaded.step, source=source, split=split, out=out, images=files,
+             images_from=images, whole=loaded.whole, **options)
 
 
 @functools.lru_cache(maxsize=16)
@@ -150,28 +240,32 @@ def jitted(method, name: str) -> Callable:
   return jax.jit(getattr(method, name))
 
 
-def applicable(method) -> list[str]:
-  """The analyses that fit `method` (attention ones: every encoder with attention layers)."""
+def applicable(method, whole: bool = True) -> list[str]:
+  """The analyses that fit `method` (attention ones: every encoder with attention layers); with
+  `whole` False (params of the encoder alone) only the attention ones."""
   names = list(ATTENTION_ANALYSES)
-  if method.reconstruct is not None:
+  if whole and method.reconstruct is not None:
     names.insert(0, "recon")
-  if hasattr(method, "predict_positions"):
+  if whole and hasattr(method, "predict_positions"):
     names.append("droppos")
   return names
 
 
-def resolve(what: str, method, method_name: str) -> list[str]:
+def resolve(what: str, method, method_name: str, whole: bool = True) -> list[str]:
   """--what (comma-separated names or 'all') -> the analyses to run, in ANALYSES order."""
   asked = [w.strip() for w in what.split(",") if w.strip()]
   if not asked:
     raise UserError(f"--what is empty; choose from {', '.join(ANALYSES)} or all")
-  fits = applicable(method)
+  fits = applicable(method, whole)
   if "all" in asked:
     return fits
   for name in asked:
     if name not in ANALYSES:
       raise UserError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)} or all")
     if name not in fits:
+      if name in applicable(method):
+        raise UserError(f"--what={name} does not apply: the checkpoint holds the encoder alone "
+                        "(an encoder-only release), not the whole model")
       why = {"recon": "predicts no pixels", "droppos": "predicts no positions (DropPos only)"}
       raise UserError(f"--what={name} does not apply: method {method_name!r} "
                       f"{why.get(name, 'has no attention layers')}")
@@ -181,16 +275,25 @@ def resolve(what: str, method, method_name: str) -> list[str]:
 # ----------------------------------------------------------------------------- reconstructions
 
 
+def reconstruct_panels(method, params, images, key, mean, std) -> dict[str, Any]:
+  """`method.reconstruct` of dataset-normalized images [B, s, s, 3] for the masks of `key`, as
+  {'panels': {image_panels.PANELS name: [B, s, s, 3] in [0, 1]}, 'mask': [B, s, s, 1] (1 =
+  hidden), 'hidden_mse': [B]} (numpy; the recon analysis and mae_jax.api share it)."""
+  recon = jax.device_get(jitted(method, "reconstruct")(params, images, key))
+  return {"panels": image_panels.panels(images, recon, mean, std),
+          "mask": np.asarray(recon["mask"], np.float32),
+          "hidden_mse": image_panels.hidden_mse(images, recon, mean, std)}
+
+
 def reconstructions(run: Run) -> list[str]:
   from mae_jax.analyze import plots
   images = run.first_images()
-  recon = jax.device_get(jitted(run.method, "reconstruct")(run.params, images, run.key))
   d = run.config.dataset
-  shown = image_panels.panels(images, recon, d.mean, d.std)
-  errors = image_panels.hidden_mse(images, recon, d.mean, d.std)
-  hidden = np.asarray(recon["mask"]).mean(axis=(1, 2, 3))
+  got = reconstruct_panels(run.method, run.params, images, run.key, d.mean, d.std)
+  shown, errors = got["panels"], got["hidden_mse"]
+  hidden = got["mask"].mean(axis=(1, 2, 3))
   norm_pix = bool(run.config.get("norm_pix_loss", False))
-  title = (f"{run.config.method} step {run.step}: {len(images)} {run.split} images; hidden MSE "
+  title = (f"{run.config.method} step {run.step}: {len(images)} {run.label} images; hidden MSE "
            f"{errors.mean():.4f}")
   png = plots.image_grid({k: shown[k] for k in image_panels.PANELS},
                          os.path.join(run.out, "recon.png"), title=title)
@@ -220,8 +323,8 @@ def encoder_intermediates(method, params, images
                           ) -> tuple[list[str], list[jax.Array], list[jax.Array]]:
   """(layer names, attention maps [B, H, T, T], block outputs [B, T, D]) of the encoder on whole
   images, in layer order: the 'attention' the Attention modules sow and every transformer Block's
-  output (flax capture_intermediates)."""
-  module = method.encoder_module
+  output (flax capture_intermediates). `params` is the full tree or {encoder_key: ...} alone."""
+  module = encoder_for(method, params)
   _, state = module.apply({"params": params[method.encoder_key]}, images,
                           mutable=["intermediates"], capture_intermediates=_is_block_call)
   flat = traverse_util.flatten_dict(state["intermediates"])
@@ -296,7 +399,7 @@ def attention_stats(run: Run, geo: Geometry, with_cka: bool) -> dict[str, np.nda
       sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64) * w
     total += w
   if not total:
-    raise UserError(f"split {run.split} has no images")
+    raise UserError(f"{run.label} has no images")
   return {**{k: v / total for k, v in sums.items()}, "num_images": int(total)}
 
 
@@ -311,7 +414,7 @@ def attention_analyses(run: Run, names: list[str]) -> list[str]:
   geo = geometry(run)
   stats = attention_stats(run, geo, with_cka="cka" in names)
   count = stats["num_images"]
-  where = f"{run.config.method} step {run.step}, {count} {run.split} images"
+  where = f"{run.config.method} step {run.step}, {count} {run.label} images"
   written = []
   if "attention_distance" in names:
     uniform = metrics.uniform_distance(geo.grid, geo.stride)
@@ -421,7 +524,7 @@ def droppos_analysis(run: Run) -> list[str]:
   rows = {"original": shown, "visible; dropped positions boxed": np.stack(visible_rows),
           "patches where predicted": np.stack(placed_rows)}
   title = (f"DropPos step {run.step}: green = position recovered, red = wrong "
-           f"({stats['accuracy']:.1%} of dropped positions over {run.split})")
+           f"({stats['accuracy']:.1%} of dropped positions over {run.label})")
   png = plots.image_grid(rows, os.path.join(run.out, "droppos.png"), title=title,
                          outlines={"visible; dropped positions boxed": outlines})
   per_position = np.where(stats["dropped"] > 0,

@@ -2,7 +2,8 @@ r"""`python -m mae_jax.convert`: Orbax workdir -> PyTorch file, and back.
 
   python -m mae_jax.convert export --workdir=W [--step=N] [--format=auto|timm|mae|convmae] \
       --out=FILE.safetensors|.pth [--image_size=N] [--no_head] [--best] [--force]
-  python -m mae_jax.convert import --src=FILE --workdir=OUT [--arch=auto|mae|convmae|timm] \
+  python -m mae_jax.convert export --workdir=W --format=hf|timm --out=DIR   # model folders
+  python -m mae_jax.convert import --src=FILE|DIR --workdir=OUT [--arch=auto|mae|convmae|timm] \
       [--variant=B/16|base] [--image_size=N] [--decoder_heads=N] [--norm_pix_loss=true|false] \
       [--force]
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mae_jax.cli import fail
+from mae_jax.cli import fail, quiet_orbax, run_then_exit
 from mae_jax.errors import UserError
 
 
@@ -45,10 +46,16 @@ def parser() -> argparse.ArgumentParser:
   e = sub.add_parser("export", help="Orbax workdir -> .safetensors / .pth")
   e.add_argument("--workdir", required=True, help="pretraining or fine-tuning workdir")
   e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  e.add_argument("--format", default="auto", choices=("auto", "timm", "mae", "convmae"),
-                 help="timm: the ViT encoder in timm's layout; mae / convmae: the whole model in "
-                      "the official release layout; auto: by the workdir's method")
-  e.add_argument("--out", required=True, help="FILE.safetensors or FILE.pth")
+  e.add_argument("--format", default="auto", choices=("auto", "timm", "mae", "convmae", "hf"),
+                 help="timm: the ViT encoder in timm's layout (a file, or a folder for "
+                      "timm.create_model('local-dir:DIR', pretrained=True)); mae / convmae: the "
+                      "whole model in the official release layout; hf: a Hugging Face folder "
+                      "(ViTMAEForPreTraining, or ViTForImageClassification for a [CLS] "
+                      "classifier); auto: by the workdir's method")
+  e.add_argument("--out", required=True,
+                 help="FILE.safetensors or FILE.pth, or a folder DIR for --format=hf / timm "
+                      "(publish it with huggingface_hub.upload_folder(repo_id=..., "
+                      "folder_path=DIR))")
   e.add_argument("--image_size", type=int, default=None,
                  help="write the sin-cos position embeddings for this image size")
   e.add_argument("--no_head", action="store_true", help="leave a classifier's head out")
@@ -56,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
                  help="a fine-tuning workdir's best checkpoint (WORKDIR/best)")
   e.add_argument("--force", action="store_true", help="overwrite --out")
   i = sub.add_parser("import", help=".safetensors / .pth -> Orbax pseudo-pretraining workdir")
-  i.add_argument("--src", required=True, help="a .pth (loaded weights-only) or .safetensors")
+  i.add_argument("--src", required=True, help="a .pth (loaded weights-only) or .safetensors, or "
+                 "a Hugging Face / timm model folder (config.json + model.safetensors)")
   i.add_argument("--workdir", required=True, help="new workdir for config.init_from")
   i.add_argument("--arch", default="auto", choices=("auto", "mae", "convmae", "timm"),
                  help="mae: official MAE (decoder too when present); timm: ViT encoder only")
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser().parse_args(argv)
   from absl import logging
   logging.set_verbosity(logging.ERROR)  # Orbax notices are console noise here.
+  quiet_orbax()
   from mae_jax.convert import workdirs
   try:
     if args.command == "export":
@@ -100,4 +109,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  run_then_exit(main, sys.argv[1:])

@@ -22,7 +22,7 @@ from mae_jax.errors import UserError, first_line
 StateDict = dict[str, np.ndarray]
 SAFETENSORS = (".safetensors",)
 TORCH = (".pth", ".pt", ".bin", ".ckpt")
-INSTALL = 'pip install -e ".[torch]" (torch, torchvision, timm, safetensors)'
+INSTALL = 'pip install "mae-jax[torch]" (torch, torchvision, timm)'
 # An entry our .pth exports add beside 'model': the resolved config as JSON (safetensors files
 # keep the same in their metadata under this key), so an import rebuilds the same model.
 META_KEY = "mae_jax"

@@ -10,7 +10,6 @@ checkpoint's size) and OUT/checkpoints/0 with the items `state` = {'params': ...
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Optional
@@ -21,11 +20,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from mae_jax import config_files
 from mae_jax import workdir as workdirs
-from mae_jax.convert import files, layout
+from mae_jax.atomic import write_atomic
+from mae_jax.convert import files, folders, layout
 from mae_jax.errors import UserError
 
-FORMATS = ("auto", "timm", "mae", "convmae")
+FORMATS = ("auto", "timm", "mae", "convmae", "hf")
 ARCHS = ("auto", "mae", "convmae", "timm")
 # Classifier entries an import into a pretraining workdir leaves out (fine-tuning makes new ones).
 HEAD_NAMES = ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")
@@ -85,7 +86,11 @@ def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int
   """
   if fmt not in FORMATS:
     raise UserError(f"--format must be one of {FORMATS}, got {fmt!r}")
-  files.check_out_path(out, force)  # before any loading.
+  folder = fmt == "hf" or (fmt == "timm" and folders.is_folder_out(out))
+  if folder:  # before any loading.
+    folders.check_folder_out(out, force)
+  else:
+    files.check_out_path(out, force)
   workdir = workdirs.absolute(workdir)
   config = workdirs.read_config(workdir)
   task = config.get("task", "pretrain")
@@ -106,7 +111,28 @@ def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int
   source = f"{workdir} step {step}"
   with config.unlocked():
     config.image_size = size
-  meta = {"config": json.loads(config.to_json_best_effort()), "layout": fmt, "source": source}
+  saved = json.loads(config.to_json_best_effort())
+  meta = {"config": saved, "layout": fmt, "source": source}
+  if folder:
+    if fmt == "hf":
+      classifier = "decoder_embed.weight" not in sd
+      if classifier and "fc_norm.weight" in sd:
+        raise UserError("this classifier pools the mean of the patch tokens through fc_norm, "
+                        "which ViTForImageClassification cannot express (it reads the [CLS] "
+                        "token); export it with --format=timm (a folder for timm) instead")
+      written = folders.to_hf(sd)
+      cfg = folders.hf_config(config, sd, size, classifier)
+      hint = (f"transformers.{'ViTForImageClassification' if classifier else 'ViTMAEForPreTraining'}"
+              f".from_pretrained('{out}')")
+    else:
+      written = sd
+      cfg = folders.timm_config(config, sd, size, variant, config.dataset.mean,
+                                config.dataset.std)
+      hint = f"timm.create_model('local-dir:{out}', pretrained=True)"
+    cfg["mae_jax"] = saved
+    folders.write_folder(out, written, cfg, force)
+    return {"out": out, "layout": f"{fmt} folder", "source": source, "num_arrays": len(written),
+            "num_params": int(sum(np.size(v) for v in written.values())), "hint": hint}
   files.write_state_dict(out, sd, {files.META_KEY: json.dumps(meta)}, wrap_model=fmt != "timm")
   return {"out": out, "layout": fmt, "source": source, "num_arrays": len(sd),
           "num_params": int(sum(v.size for v in sd.values())),
@@ -123,6 +149,10 @@ def _pretrained_tree(workdir, config, fmt, step, image_size):
   name = config.method
   if fmt == "auto":
     fmt = name if name in ("mae", "convmae") else "timm"
+  if fmt == "hf" and name != "mae":
+    raise UserError(f"--format=hf writes a ViTMAEForPreTraining folder and needs a mae "
+                    f"pretraining workdir; {workdir} trained {name!r}" +
+                    (" (use --format=timm for its ViT encoder)" if name != "convmae" else ""))
   encoder = params[method.encoder_key]
   is_vit = "cls_token" in encoder and "patch_embed" in encoder
   if fmt == "timm":
@@ -130,7 +160,7 @@ def _pretrained_tree(workdir, config, fmt, step, image_size):
       raise UserError(f"--format=timm needs a ViT encoder; {workdir} trained {name!r}" +
                       (" (use --format=convmae)" if name == "convmae" else ""))
     tree = encoder
-  elif fmt != name:
+  elif fmt != name and fmt != "hf":
     raise UserError(f"--format={fmt} needs a {fmt} pretraining workdir; {workdir} trained "
                     f"{name!r}" + (" (use --format=timm for its ViT encoder)" if is_vit else ""))
   else:
@@ -153,9 +183,11 @@ def _classifier_tree(workdir, config, fmt, step, image_size, head, best):
     want = "convmae"
   else:
     raise UserError(f"unknown architecture: {type(module).__name__} has no PyTorch layout here")
-  if fmt not in ("auto", want):
+  if fmt not in ("auto", want) and not (fmt == "hf" and want == "timm"):
     raise UserError(f"--format={fmt} does not fit a {type(module).__name__} classifier "
                     f"(use --format={want})")
+  if fmt == "hf":
+    want = "hf"
   size = info.get("image_size") or config.image_size
   if image_size and image_size != size and "pos_embed" in tree:
     raise UserError(f"--image_size={image_size}: this classifier's pos_embed is learned at "
@@ -167,17 +199,8 @@ def _classifier_tree(workdir, config, fmt, step, image_size, head, best):
 
 
 def _repo_config(name: str, arg: str) -> ml_collections.ConfigDict:
-  """configs/<name>.py:<arg> of this checkout (the configs folder beside the package)."""
-  import mae_jax
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mae_jax.__file__))),
-                      "configs", f"{name}.py")
-  if not os.path.exists(path):
-    raise UserError(f"{path} not found: import writes a config of configs/{name}.py and needs "
-                    "the repository checkout")
-  spec = importlib.util.spec_from_file_location(f"_mae_jax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """The shipped config NAME:ARG (configs/NAME.py; mae_jax.configs in an installed wheel)."""
+  return config_files.load(f"{name}:{arg}")
 
 
 def _base_config(saved: Optional[dict], name: str, arg: str) -> ml_collections.ConfigDict:
@@ -301,17 +324,31 @@ def import_checkpoint(src: str, workdir: str, arch: str = "auto", variant: Optio
     raise UserError(f"--arch must be one of {ARCHS}, got {arch!r}")
   workdir = workdirs.absolute(workdir)
   check_target(workdir, force)
-  sd, metadata = files.read_state_dict(src)
+  if os.path.isdir(src):  # a Hugging Face or timm model folder
+    sd, metadata, hints = folders.read_folder(src)
+    image_size = image_size or hints.get("image_size")
+    decoder_heads = decoder_heads or hints.get("decoder_heads")
+    if norm_pix_loss is None:
+      norm_pix_loss = hints.get("norm_pix_loss")
+  else:
+    sd, metadata, hints = (*files.read_state_dict(src), {})
   if arch == "auto":
     arch = "convmae" if "patch_embed1.proj.weight" in sd else "mae"
   config, abstract, grid, ignore, notes, details = _target(
       sd, metadata, arch, variant, image_size, decoder_heads, norm_pix_loss)
+  heads = hints.get("num_attention_heads")
+  if heads is not None and arch != "convmae":
+    from mae_jax.models.vit import parse_variant
+    if parse_variant(config.model.variant).num_heads != heads:
+      raise UserError(f"{src}: {heads} attention heads, but the ViT size of these weights "
+                      f"({config.model.variant}) has {parse_variant(config.model.variant).num_heads}; "
+                      "pass --variant")
   params = layout.import_state_dict(sd, abstract, grid, ignore=ignore, where=src)
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   if force and (path / "checkpoints").exists():  # replace, never mix with, earlier checkpoints.
     (path / "checkpoints").rmtree()
-  (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  write_atomic(str(path / "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
   meta = {"step": 0, "method": config.method, "source": os.path.abspath(src),
           "imported_as": arch, "pos_embed": details["pos_embed"], "decoder": details["decoder"],
           "dropped": list(ignore)}

@@ -12,22 +12,33 @@ stream is a pure function of (seed, epoch, position) and resuming at step s skip
 s * batch encoded examples without decoding them; a resumed run sees exactly the images an
 uninterrupted run would have seen.
 
+Bad files: a folder's file headers are checked when it is opened; `verify_images` decodes every
+file up front and `skip_bad_images` leaves unreadable ones out. A file that fails to decode in a
+running stream is found again (the order is a pure function of the seed) and named in the error.
+
 Augmentation (the official MAE pretraining recipe): RandomResizedCrop with torchvision's sampling
 (area fraction uniform in (crop_min_scale, 1), log-uniform aspect ratio in (3/4, 4/3), 10 tries,
-centre-crop fallback), bicubic resize, horizontal flip, normalization by mean/std. Grayscale and
-palette images become RGB. TensorFlow is hidden from accelerators: it never grabs GPU memory.
+centre-crop fallback), bicubic resize to image_size (S x S, or H x W), horizontal flip,
+normalization by mean/std. Grayscale and palette images become RGB. TensorFlow is hidden from accelerators: it never grabs GPU memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import functools
 import importlib
 import math
 import os
-from typing import Callable, Iterator, Optional
+import re
+import time
+from typing import Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import tensorflow as tf
 
+from mae_jax.configlib import image_hw
 from mae_jax.data.randaugment import parse_randaugment, randaugment, random_erasing
 from mae_jax.errors import UserError, first_line
 
@@ -41,10 +52,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
 # Local folders up to this many files have every file's header checked when the source is opened.
 _MAGIC_CHECK_LIMIT = 200_000
-# Eval resize: shorter side to image_size / crop_pct, then a centre crop (224 -> 256 -> 224).
+# Eval resize: shorter side to image_size / crop_pct, then a centre crop (224 -> 256 -> 224); for
+# (H, W) the smallest aspect-preserving resize covering (H, W) / crop_pct, then (H, W).
 EVAL_CROP_PCT = 0.875
 # Errors of a running tf.data iterator that mean an unreadable or missing file.
-_READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError)
+_READ_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+                tf.errors.PermissionDeniedError)
+# Unreadable files listed by name in the verify / skip messages.
+_LISTED = 5
 
 # (split, process_index, process_count, drop_remainder, shuffle_seed) -> dataset of
 # {'image': encoded bytes, 'label': int64}, this process's share of the split.
@@ -59,6 +74,9 @@ class Source:
   splits: tuple[str, ...]
   count_fn: Callable[[str, int, int, bool], int]
   reader: Reader
+  # (split, process_index, process_count, drop_remainder) -> the files `reader` reads, in its
+  # order; folder sources only (it names the file of a decode error).
+  paths_fn: Optional[Callable[[str, int, int, bool], list[str]]] = None
 
   def check_split(self, split: str) -> None:
     base = split.split("[")[0]
@@ -77,8 +95,46 @@ class Source:
 def get_source(d) -> Source:
   """The source named by a `config.dataset` block; UserError if it cannot be read."""
   if d.name == "folder":
-    return _folder_source(d.folder, d.val_fraction)
+    return _folder_source(d.folder, d.val_fraction, verify=bool(d.get("verify_images", False)),
+                          skip_bad=bool(d.get("skip_bad_images", False)))
   return _tfds_source(d.name, d.data_dir)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  """Holds an exclusive flock on `path` (created if missing); a no-op for remote paths."""
+  if "://" in path:
+    yield
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_digits(builder) -> None:
+  """Prepares the embedded digits once: one process of a multi-process run, under a file lock
+  beside the dataset so that independent runs on one machine do not race either."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  # process_count() without jax.distributed would start JAX's backend here, which must come
+  # after jax.distributed.initialize; an uninitialized process is alone anyway.
+  multi = jax.distributed.is_initialized() and jax.process_count() > 1
+  info = os.path.join(builder.data_dir, "dataset_info.json")
+  if (not multi or jax.process_index() == 0) and not tf.io.gfile.exists(info):
+    root = os.path.dirname(os.path.dirname(builder.data_dir))  # DATA_DIR/name/version
+    with _file_lock(os.path.join(root, f"{DIGITS}.lock")):
+      if not tf.io.gfile.exists(info):  # another run may have prepared it while we waited.
+        print(f"preparing {DIGITS} in {builder.data_dir} (first use)", flush=True)
+        tfds.disable_progress_bar()
+        builder.download_and_prepare()
+  if multi:  # every process, prepared or not, so none reads before process 0 is done.
+    multihost_utils.sync_global_devices(f"{DIGITS} prepared")
 
 
 def _tfds_source(name: str, data_dir: str) -> Source:
@@ -93,16 +149,16 @@ def _tfds_source(name: str, data_dir: str) -> Source:
                     f"{DIGITS!r} or 'folder'") from None
   except (ValueError, tf.errors.OpError) as e:
     raise UserError(f"cannot open dataset {name!r}: {first_line(e)}") from None
-  if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    if name == DIGITS:  # The embedded default prepares itself: no download, a few seconds.
-      print(f"preparing {DIGITS} in {builder.data_dir} (first use)", flush=True)
-      tfds.disable_progress_bar()
-      builder.download_and_prepare()
-    else:
-      raise UserError(
-          f"dataset {name} is not prepared in {builder.data_dir}; prepare it with "
-          f"`tfds build {name} --data_dir=DIR` (ImageNet needs --manual_dir with the tar files) "
-          f"and pass --config.dataset.data_dir=DIR")
+  prepared = tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+  if name == DIGITS:  # The embedded default prepares itself: no download, a few seconds.
+    _prepare_digits(builder)
+    if not prepared:  # read what is on disk now, maybe written by another process.
+      builder = tfds.builder(name, data_dir=data_dir or None)
+  elif not prepared:
+    raise UserError(
+        f"dataset {name} is not prepared in {builder.data_dir}; prepare it with "
+        f"`tfds build {name} --data_dir=DIR` (ImageNet needs --manual_dir with the tar files) "
+        f"and pass --config.dataset.data_dir=DIR")
   if "image" not in builder.info.features:
     raise UserError(f"dataset {name} has no 'image' feature; it has "
                     f"{sorted(builder.info.features.keys())}")
@@ -186,7 +242,69 @@ def _check_headers(paths: list[str]) -> None:
       raise UserError(f"unreadable image {p}: not a JPEG, PNG, GIF or BMP file")
 
 
-def _folder_source(folder: str, val_fraction: float) -> Source:
+def _reason(e: BaseException) -> str:
+  """A TensorFlow error's first line without its function-node prefix and op suffix."""
+  text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first_line(e))
+  return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text) or type(e).__name__
+
+
+def _decode_error(path: str, check: Optional[Callable] = None) -> Optional[str]:
+  """Why reading `path` and `check(data)` (default: decoding it) fails, eagerly; None if not."""
+  try:
+    data = tf.io.read_file(path)
+    if check is None:
+      _decode(data)
+    else:
+      check(data)
+  except tf.errors.OpError as e:
+    return _reason(e)
+  return None
+
+
+def _undecodable(paths: list[str]) -> list[int]:
+  """Indices of the files that cannot be read and decoded, in order; decoded in parallel."""
+  ds = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string)).enumerate()
+  # The shape makes each decode run without keeping the pixels; failures are dropped, and the
+  # indices that never come back are the bad files.
+  ds = ds.map(lambda i, p: (i, tf.shape(_decode(tf.io.read_file(p)))),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
+  ok = np.zeros(len(paths), bool)
+  for indices in ds.as_numpy_iterator():
+    ok[indices] = True
+  return np.flatnonzero(~ok).tolist()
+
+
+def _listing(folder: str, paths: list[str]) -> str:
+  shown = ", ".join(os.path.relpath(p, folder) for p in paths[:_LISTED])
+  return shown + (f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else "")
+
+
+def _verified(folder: str, splits: list[tuple[list, list]], skip_bad: bool) -> list[tuple]:
+  """`splits` ([(paths, labels)]) after decoding every file: unreadable files left out with
+  `skip_bad`, else a UserError naming them."""
+  paths = [p for split_paths, _ in splits for p in split_paths]
+  start = time.perf_counter()
+  bad = [paths[i] for i in _undecodable(paths)]
+  print(f"checked {len(paths)} images of folder {folder} in {time.perf_counter() - start:.1f}s",
+        flush=True)
+  if not bad:
+    return splits
+  if not skip_bad:
+    why = _decode_error(bad[0])
+    raise UserError(
+        f"{len(bad)} of {len(paths)} images in folder {folder} cannot be decoded: "
+        f"{_listing(folder, bad)}{f' (first: {why})' if why else ''}; remove them, or set "
+        "config.dataset.skip_bad_images=True to skip unreadable files")
+  print(f"skipped {len(bad)} unreadable images of {len(paths)} in folder {folder}: "
+        f"{_listing(folder, bad)}", flush=True)
+  drop = set(bad)
+  return [([p for p in ps if p not in drop], [l for p, l in zip(ps, ls) if p not in drop])
+          for ps, ls in splits]
+
+
+def _folder_source(folder: str, val_fraction: float, verify: bool = False,
+                   skip_bad: bool = False) -> Source:
   if not folder:
     raise UserError("config.dataset.name='folder' needs config.dataset.folder=PATH")
   if not tf.io.gfile.isdir(folder):
@@ -208,7 +326,13 @@ def _folder_source(folder: str, val_fraction: float) -> Source:
     va_labels = [l for l, h in zip(labels, held) if h]
   if not tr_paths:
     raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}")
-  _check_headers(tr_paths + va_paths)
+  if verify or skip_bad:
+    (tr_paths, tr_labels), (va_paths, va_labels) = _verified(
+        folder, [(tr_paths, tr_labels), (va_paths, va_labels)], skip_bad)
+    if not tr_paths:
+      raise UserError(f"none of the training images in folder {folder} can be decoded")
+  else:
+    _check_headers(tr_paths + va_paths)
   table = {"train": (tr_paths, tr_labels)}
   if va_paths:
     table["validation"] = (va_paths, va_labels)
@@ -233,8 +357,11 @@ def _folder_source(folder: str, val_fraction: float) -> Source:
     return ds.map(lambda p, l: {"image": tf.io.read_file(p), "label": l},
                   num_parallel_calls=tf.data.AUTOTUNE)
 
+  def paths_fn(split, process_index, process_count, drop_remainder):
+    return share(split, process_index, process_count, drop_remainder)[0]
+
   splits = tuple(table) + (("val",) if "validation" in table else ())  # 'val' aliases validation.
-  return Source(f"folder {folder}", len(classes), splits, count, reader)
+  return Source(f"folder {folder}", len(classes), splits, count, reader, paths_fn)
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -302,10 +429,12 @@ def _resize(image: tf.Tensor, size) -> tf.Tensor:
   return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
-def _train_transform(d, image_size: int, base_seed: int, epoch: int):
-  """RandomResizedCrop + flip (pretraining); with dataset.randaugment / dataset.reprob (the
-  fine-tuning recipe) also RandAugment after the flip and random erasing after normalization,
-  in timm's `create_transform` order."""
+def _train_transform(d, image_size, base_seed: int, epoch: int):
+  """RandomResizedCrop to image_size (an int S or (H, W): torchvision's crop window does not
+  depend on the output size, only the final resize does) + flip (pretraining); with
+  dataset.randaugment / dataset.reprob (the fine-tuning recipe) also RandAugment after the flip
+  and random erasing after normalization, in timm's `create_transform` order."""
+  out_hw = list(image_hw(image_size))
   spec = parse_randaugment(d.randaugment) if d.get("randaugment") else None
   reprob = float(d.get("reprob", 0.0))
 
@@ -315,7 +444,7 @@ def _train_transform(d, image_size: int, base_seed: int, epoch: int):
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = _decode(ex["image"], lambda shape: random_resized_crop_window(
         shape, crop_seed, (d.crop_min_scale, 1.0)))
-    image = _resize(image, [image_size, image_size])
+    image = _resize(image, out_hw)
     if d.hflip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if spec is None and reprob == 0:  # pretraining: nothing more to draw per example.
@@ -333,20 +462,31 @@ def _train_transform(d, image_size: int, base_seed: int, epoch: int):
   return fn
 
 
-def eval_transform(data: tf.Tensor, image_size: int, mean, std) -> tf.Tensor:
-  """Resize the shorter side to image_size / 0.875 (bicubic), centre crop, normalize."""
+def eval_transform(data: tf.Tensor, image_size, mean, std) -> tf.Tensor:
+  """Resize (bicubic), centre crop to image_size, normalize.
+
+  An int S: the shorter side to int(S / 0.875), then the S x S centre (torchvision
+  Resize(int) + CenterCrop, the official MAE eval). (H, W): the smallest aspect-preserving
+  resize that covers (int(H / 0.875), int(W / 0.875)), then the H x W centre (timm's
+  `transforms_imagenet_eval` for a non-square size: ResizeKeepRatio + CenterCrop). For H == W
+  the two are the same computation.
+  """
+  out_h, out_w = image_hw(image_size)
   image = _decode(data)
   h = tf.cast(tf.shape(image)[0], tf.float32)
   w = tf.cast(tf.shape(image)[1], tf.float32)
-  short = float(int(image_size / EVAL_CROP_PCT))
-  scale = short / tf.minimum(h, w)
-  new_h = tf.cast(tf.maximum(tf.floor(h * scale), image_size), tf.int32)
-  new_w = tf.cast(tf.maximum(tf.floor(w * scale), image_size), tf.int32)
+  target_h, target_w = float(int(out_h / EVAL_CROP_PCT)), float(int(out_w / EVAL_CROP_PCT))
+  if target_h == target_w:
+    scale = target_h / tf.minimum(h, w)
+  else:
+    scale = tf.maximum(target_h / h, target_w / w)
+  new_h = tf.cast(tf.maximum(tf.floor(h * scale), out_h), tf.int32)
+  new_w = tf.cast(tf.maximum(tf.floor(w * scale), out_w), tf.int32)
   image = _resize(image, tf.stack([new_h, new_w]))
-  top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2), tf.int32)
-  image = image[top:top + image_size, left:left + image_size]
-  image.set_shape([image_size, image_size, 3])
+  top = tf.cast(tf.round(tf.cast(new_h - out_h, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - out_w, tf.float32) / 2), tf.int32)
+  image = image[top:top + out_h, left:left + out_w]
+  image.set_shape([out_h, out_w, 3])
   return _normalize(image, mean, std)
 
 
@@ -378,21 +518,71 @@ def _seed(*parts: int) -> int:
   return x
 
 
-def _iterate(ds: tf.data.Dataset, source: Source, split: str) -> Iterator[dict]:
+def _first_failure(candidates: Iterable[tuple[int, str]],
+                   check: Callable[[int, tf.Tensor], object]) -> Optional[tuple[str, str]]:
+  """(path, reason) of the first (position, path) whose file fails `check(position, data)`."""
+  for position, path in candidates:
+    reason = _decode_error(path, functools.partial(check, position))
+    if reason is not None:
+      return path, reason
+  return None
+
+
+def _iterate(ds: tf.data.Dataset, source: Source, split: str,
+             locate: Optional[Callable[[int], Optional[tuple[str, str]]]] = None
+             ) -> Iterator[dict]:
+  """`ds` as numpy; a read error becomes a UserError naming the file `locate(batches yielded)`
+  finds, when it finds one."""
+  done = 0
   try:
-    yield from ds.as_numpy_iterator()
+    for batch in ds.as_numpy_iterator():
+      yield batch
+      done += 1
   except GeneratorExit:  # closed by the consumer (or at interpreter exit): nothing to report.
     return
   except _READ_ERRORS as e:
-    raise UserError(f"cannot read an image of {source.name} split {split}: "
-                    f"{first_line(e)}") from None
+    # Batches come out in order and an error stops the one being built, so the culprit is in
+    # batch `done`; decoding its files again one by one finds it.
+    found = locate(done) if locate is not None else None
+    if found is None:
+      raise UserError(f"cannot read an image of {source.name} split {split}: "
+                      f"{_reason(e)}") from None
+    path, reason = found
+    raise UserError(f"cannot read an image of {source.name} split {split}: {path} ({reason}); "
+                    "remove the file, or set config.dataset.skip_bad_images=True to skip "
+                    "unreadable files") from None
 
 
-def train_batches(source: Source, d, *, split: str, image_size: int, global_batch_size: int,
+def _epoch_order(ds: tf.data.Dataset, d, n: int, epoch_seed: int,
+                 size: int) -> tf.data.Dataset:
+  """(position, element) of one training epoch: `ds` shuffled, its first `size` elements. The
+  order depends only on the seed and `n`, so the file list replays it."""
+  ds = ds.shuffle(min(d.shuffle_buffer, n), seed=epoch_seed, reshuffle_each_iteration=False)
+  return ds.enumerate().take(size)
+
+
+def _locate_train(source: Source, d, split: str, process_index: int, process_count: int,
+                  n: int, epoch_seed: int, size: int, start: int, local: int, transform,
+                  done: int) -> Optional[tuple[str, str]]:
+  """The bad file in batch `done` of a training stream that began at position `start`."""
+  if source.paths_fn is None:
+    return None
+  paths = source.paths_fn(split, process_index, process_count, True)
+  order = _epoch_order(tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string)), d, n,
+                       epoch_seed, size)
+  window = order.skip(start + done * local).take(local)
+  label = tf.constant(-1, tf.int64)
+  return _first_failure(
+      ((int(i), p.decode()) for i, p in window.as_numpy_iterator()),
+      lambda i, data: transform(tf.constant(i, tf.int64), {"image": data, "label": label}))
+
+
+def train_batches(source: Source, d, *, split: str, image_size, global_batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict]:
-  """Endless {'image': float32 [b, s, s, 3], 'label': int32 [b]} for this process, from step
-  `start_step` on (b = global_batch_size / process_count)."""
+  """Endless {'image': float32 [b, H, W, 3], 'label': int32 [b]} for this process, from step
+  `start_step` on (b = global_batch_size / process_count; image_size an int S = (S, S) or
+  (H, W))."""
   local = _local_batch(global_batch_size, process_count)
   spe = steps_per_epoch(source, split, global_batch_size, process_count)
   n = source.num_examples(split, process_index, process_count, drop_remainder=True)
@@ -400,12 +590,13 @@ def train_batches(source: Source, d, *, split: str, image_size: int, global_batc
   while True:
     epoch_seed = _seed(seed, epoch, process_index)
     ds = source.reader(split, process_index, process_count, True, epoch_seed)
-    ds = ds.shuffle(min(d.shuffle_buffer, n), seed=epoch_seed, reshuffle_each_iteration=False)
-    ds = ds.enumerate().take(spe * local).skip(offset * local)  # skip before decoding.
-    ds = ds.map(_train_transform(d, image_size, _seed(seed, process_index, 7), epoch),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _epoch_order(ds, d, n, epoch_seed, spe * local).skip(offset * local)  # before decoding.
+    transform = _train_transform(d, image_size, _seed(seed, process_index, 7), epoch)
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local, drop_remainder=True).prefetch(2)
-    yield from _iterate(ds, source, split)
+    locate = functools.partial(_locate_train, source, d, split, process_index, process_count, n,
+                               epoch_seed, spe * local, offset * local, local, transform)
+    yield from _iterate(ds, source, split, locate)
     epoch, offset = epoch + 1, 0
 
 
@@ -417,7 +608,7 @@ def eval_steps(source: Source, split: str, global_batch_size: int, process_count
   return max(1, -(-most // local))
 
 
-def eval_batches(source: Source, d, *, split: str, image_size: int, global_batch_size: int,
+def eval_batches(source: Source, d, *, split: str, image_size, global_batch_size: int,
                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
   """One pass over every example of the split, in order: {'image', 'label', 'mask'}; padding
   rows (to fill the last batch and even out processes) have mask 0."""
@@ -430,8 +621,16 @@ def eval_batches(source: Source, d, *, split: str, image_size: int, global_batch
                           "mask": tf.constant(1, tf.int32)},
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   pad = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([image_size, image_size, 3], tf.float32),
+      "image": tf.zeros([*image_hw(image_size), 3], tf.float32),
       "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}).repeat(
           steps * local - n)
   ds = ds.concatenate(pad).batch(local, drop_remainder=True).prefetch(2)
-  yield from _iterate(ds, source, split)
+
+  def locate(done):
+    if source.paths_fn is None:
+      return None
+    paths = source.paths_fn(split, process_index, process_count, False)
+    window = enumerate(paths[done * local:(done + 1) * local], done * local)
+    return _first_failure(window, lambda _, data: eval_transform(data, image_size, d.mean, d.std))
+
+  yield from _iterate(ds, source, split, locate)

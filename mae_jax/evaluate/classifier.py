@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from mae_jax import workdir as workdirs
+from mae_jax import configlib, workdir as workdirs
 from mae_jax.data.randaugment import parse_randaugment
 from mae_jax.errors import UserError
 from mae_jax.methods import Method, get_method
@@ -62,8 +62,8 @@ def pretrained_run(config) -> Pretrained:
   if not config.image_size:
     config.image_size = pre.image_size  # the resolved config (config.json) says which.
   pretrain_size = pre.image_size
+  configlib.set_image_size(pre, config.image_size)
   with pre.unlocked():
-    pre.image_size = config.image_size
     if "drop_path_rate" in pre.model:
       pre.model.drop_path_rate = 0.0
     if "compute" in config:  # the downstream task's dtype and remat, not the pretraining run's.
@@ -76,18 +76,25 @@ def pretrained_run(config) -> Pretrained:
                     f"{config.image_size}: {e}") from None
   encoder = method.encoder_module
   return Pretrained(workdir=config.init_from, config=pre, method=method,
-                    grid=encoder.grid((pretrain_size, pretrain_size)),
-                    task_grid=encoder.grid((config.image_size, config.image_size)))
+                    grid=encoder.grid(configlib.image_hw(pretrain_size)),
+                    task_grid=encoder.grid(configlib.image_hw(config.image_size)))
+
+
+# The keys both tasks share (config.init_step and config.random_init: configlib.COMMON).
+TASK_CHECKS = {
+    "classifier.pool": configlib.one_of("", "avg", "cls"),  # '' = the task's default.
+    "classifier.head_init_std": configlib.number("[0, inf)"),  # 0: a zero-initialized head.
+    "dataset.reprob": configlib.number("[0, 1]"),  # random erasing probability.
+}
 
 
 def check_task_keys(config) -> None:
-  """The keys both tasks share: augmentation specs (a bad one fails now, not in the input
-  thread)."""
+  """The keys both tasks share, augmentation specs included (a bad one fails now, not in the
+  input thread)."""
+  configlib.check(config, TASK_CHECKS)
   d = config.dataset
   if d.get("randaugment"):
     parse_randaugment(d.randaugment)
-  if not 0 <= d.get("reprob", 0.0) <= 1:
-    raise UserError(f"config.dataset.reprob must be in [0, 1], got {d.reprob}")
 
 
 def num_classes_of(source, task: str) -> int:

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import workdir as workdirs
+from mae_jax import configlib, workdir as workdirs
 from mae_jax.errors import UserError
 from mae_jax.evaluate import layer_decay
-from mae_jax.evaluate.classifier import PRETRAIN_CONFIG, Pretrained, load_encoder_into
+from mae_jax.evaluate.classifier import (PRETRAIN_CONFIG, Pretrained, check_task_keys,
+                                         load_encoder_into)
 from mae_jax.evaluate.mixup import mixup_cutmix, smoothed_one_hot, soft_cross_entropy
 from mae_jax.methods import get_method
 from mae_jax.models.convvit import ConvMAEEncoder, ConvViT
@@ -86,14 +87,33 @@ def split_trainable(params: dict, keep) -> tuple[dict, dict]:
           {k: v for k, v in params.items() if not keep(k)})
 
 
+CHECKS = {
+    "classifier.drop_path_rate": configlib.number("[0, 1)"),  # DropPath divides by 1 - rate.
+    # -1 = all; the encoder's depth bounds it once the model is built.
+    "classifier.train_blocks": configlib.integer("[-1, inf)"),
+    "mixup.mixup_alpha": configlib.number("[0, inf)"),  # Beta(alpha, alpha); 0 = off.
+    "mixup.cutmix_alpha": configlib.number("[0, inf)"),
+    "mixup.switch_prob": configlib.number("[0, 1]"),
+    "mixup.label_smoothing": configlib.number("[0, 1)"),
+    "optimizer.layer_decay": configlib.number("(0, 1]"),
+}
+
+
 class Finetune(Classifier):
   """`config.task='finetune'` on the encoder of `pretrained` (config.init_from)."""
 
   name = "finetune"
 
+  @staticmethod
+  def check_config(config) -> None:
+    """UserError (one line) for a value of the task's keys that cannot work; builds nothing."""
+    check_task_keys(config)
+    configlib.check(config, CHECKS)
+
   def __init__(self, config, total_steps: Optional[int], pretrained: Pretrained,
                num_classes: int):
     super().__init__(config, total_steps)
+    self.check_config(config)
     self.pretrained, self.num_classes = pretrained, num_classes
     c = config.classifier
     self.model = classifier_for(pretrained.encoder, pool=c.pool or "avg", num_classes=num_classes,
@@ -103,17 +123,9 @@ class Finetune(Classifier):
     if not -1 <= self.train_blocks <= depth:
       raise UserError(f"config.classifier.train_blocks must be -1 (all) or 0..{depth}, got "
                       f"{self.train_blocks}")
-    m = config.mixup
-    if m.mixup_alpha < 0 or m.cutmix_alpha < 0 or not 0 <= m.switch_prob <= 1:
-      raise UserError("config.mixup: alphas must be >= 0 and switch_prob in [0, 1]")
-    if not 0 <= m.label_smoothing < 1:
-      raise UserError(f"config.mixup.label_smoothing must be in [0, 1), got {m.label_smoothing}")
-    if not 0 < config.optimizer.layer_decay <= 1:
-      raise UserError(f"config.optimizer.layer_decay must be in (0, 1], got "
-                      f"{config.optimizer.layer_decay}")
     # Builds every shape once, abstractly: a bad model setting fails here, before the workdir
     # is touched.
-    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, *configlib.image_hw(config.image_size), 3), jnp.float32)
     jax.eval_shape(self.init_state, jax.random.PRNGKey(0), images)
 
   def _keep(self, name: str) -> bool:
@@ -181,8 +193,7 @@ def load_classifier(workdir: str, step: Optional[int] = None, best: bool = False
   # The pretraining config the run copied when it started (init_from may be gone since).
   pre = workdirs.read_config(workdir, "a fine-tuning workdir (a run writes it when it starts)",
                              PRETRAIN_CONFIG)
-  with pre.unlocked():
-    pre.image_size = cfg.image_size
+  configlib.set_image_size(pre, cfg.image_size)
   items, meta = workdirs.restore_items(f"{workdir}/best" if best else workdir,
                                        ("params", "model_state"), step)
   params = {**items["params"], **items.get("model_state", {}).get("frozen", {})}

@@ -16,8 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax.evaluate.classifier import Pretrained, load_encoder_into
+from mae_jax import configlib
+from mae_jax.evaluate.classifier import Pretrained, check_task_keys, load_encoder_into
 from mae_jax.trainable import Classifier
+
+# LARS: heavy-ball momentum, and the trust ratio's scale (0 would freeze the kernel).
+CHECKS = {"optimizer.momentum": configlib.number("[0, 1)"),
+          "optimizer.trust_coefficient": configlib.number("(0, inf)")}
 
 
 class ProbeHead(nn.Module):
@@ -39,16 +44,23 @@ class LinearProbe(Classifier):
 
   name = "linprobe"
 
+  @staticmethod
+  def check_config(config) -> None:
+    """UserError (one line) for a value of the task's keys that cannot work; builds nothing."""
+    check_task_keys(config)
+    configlib.check(config, CHECKS)
+
   def __init__(self, config, total_steps: Optional[int], pretrained: Pretrained,
                num_classes: int):
     super().__init__(config, total_steps)
+    self.check_config(config)
     self.pretrained, self.num_classes = pretrained, num_classes
     self.method = pretrained.method
     self.pool = config.classifier.pool or None
     self.head = ProbeHead(num_classes, config.classifier.head_init_std)
     # Builds every shape once, abstractly: a bad pool name fails here, before the workdir is
     # touched.
-    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, *configlib.image_hw(config.image_size), 3), jnp.float32)
     jax.eval_shape(self.init_state, jax.random.PRNGKey(0), images)
 
   def init_state(self, rng, images):

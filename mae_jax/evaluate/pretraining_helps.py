@@ -1,7 +1,7 @@
 r"""Does pretraining help? k-NN and linear probe of a pretrained encoder vs the same model at random init.
 
   python -m mae_jax.evaluate.pretraining_helps --workdir=DIR [--pretrained=PRETRAIN_WORKDIR]
-      [--pretrain_config=configs/mae.py] [--finetune]
+      [--pretrain_config=mae] [--finetune]
 
 Without --pretrained it first runs the pretraining config (default: the MAE CPU demo on the
 embedded digits) in DIR/pretrain. Then, each on the pretrained encoder and on a random one:
@@ -22,7 +22,8 @@ from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "Where the runs and the summary go.", required=True)
 flags.DEFINE_string("pretrained", "", "An existing pretraining workdir (skips pretraining).")
-flags.DEFINE_string("pretrain_config", "configs/mae.py", "Pretraining config to run first.")
+flags.DEFINE_string("pretrain_config", "mae", "Pretraining config to run first (a file or a shipped "
+                    "config's name, e.g. mae:vit_s16).")
 flags.DEFINE_bool("finetune", False, "Also fine-tune both (slower).")
 FLAGS = flags.FLAGS
 
@@ -39,30 +40,18 @@ def verdict(results: dict) -> tuple[bool, list[str]]:
   return helps, lines
 
 
-def _config(path: str, **values):
-  import importlib.util
-
-  from mae_jax.errors import UserError
-
-  file, _, variant = path.partition(":")
-  if not os.path.isfile(file):
-    raise UserError(f"config file {file} not found")
-  spec = importlib.util.spec_from_file_location("cfg", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(variant or None)
-  for k, v in values.items():
-    setattr(c, k, v)
-  return c
+def _config(spec: str, **values):
+  from mae_jax import config_files
+  return config_files.load(spec, **values)
 
 
 def main(argv):
   del argv
   from mae_jax import tasks
+  from mae_jax.atomic import write_atomic
   from mae_jax.errors import UserError
   from mae_jax.workdir import absolute
 
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   workdir = absolute(FLAGS.workdir)
   try:
     pretrained = FLAGS.pretrained
@@ -70,16 +59,15 @@ def main(argv):
       raise UserError(f"--pretrained={pretrained} is not a pretraining workdir (no config.json)")
     if not pretrained:
       pretrained = os.path.join(workdir, "pretrain")
-      tasks.pretrain(_config(os.path.join(root, FLAGS.pretrain_config)), pretrained)
+      tasks.pretrain(_config(FLAGS.pretrain_config), pretrained)
     pretrained = absolute(pretrained)
     results = {}
-    tasks = ["knn", "linprobe"] + (["finetune"] if FLAGS.finetune else [])
-    for task in tasks:
+    evaluations = ["knn", "linprobe"] + (["finetune"] if FLAGS.finetune else [])
+    for task in evaluations:
       results[task] = {}
       for random_init in (False, True):
         name = "random" if random_init else "pretrained"
-        c = _config(os.path.join(root, "configs", f"{task}.py"), init_from=pretrained,
-                    random_init=random_init)
+        c = _config(task, init_from=pretrained, random_init=random_init)
         out_dir = os.path.join(workdir, f"{task}_{name}")
         if task == "knn":
           top1 = tasks.knn(c, out_dir)["knn_top1"]
@@ -91,8 +79,9 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   helps, lines = verdict(results)
-  with open(os.path.join(workdir, "pretraining_helps.json"), "w") as f:
-    json.dump({"pretrained_workdir": pretrained, "results": results, "helps": helps}, f, indent=2)
+  write_atomic(os.path.join(workdir, "pretraining_helps.json"),
+               json.dumps({"pretrained_workdir": pretrained, "results": results,
+                           "helps": helps}, indent=2))
   print("\n".join(lines))
   print("pretraining helps" if helps else "PRETRAINING DOES NOT HELP", flush=True)
   sys.exit(0 if helps else 1)

@@ -3,9 +3,10 @@
   config.evals.<name> = dict(type=TYPE, every_steps=N, ...)   # or every_epochs=E
 
 `type` names a module `mae_jax/evaluators/<type>.py` defining `DEFAULTS` (every key the entry may
-set, with its default) and `Evaluator(cfg, ctx)` (`due(step)`, `run(state)`; see
-`mae_jax.evaluators.base`). Results are logged as '<name>/<metric>'; `config.best_metric`
-(e.g. 'classification/top1') names the one that keeps WORKDIR/best. Every entry takes
+set, with its default), `Evaluator(cfg, ctx)` (`due(step)`, `run(state)`; see
+`mae_jax.evaluators.base`) and optionally `CHECKS` (`configlib.check` rules of its keys, applied
+by `check_config`). Results are logged as '<name>/<metric>'; `config.best_metric` (e.g.
+'classification/top1') names the one that keeps WORKDIR/best. Every entry takes
 `every_steps` or `every_epochs` (used when every_steps is 0); with both 0 it is off. Adding an
 evaluator is one file here plus one config entry.
 """
@@ -17,13 +18,16 @@ import math
 
 import ml_collections
 
+from mae_jax import configlib
 from mae_jax.errors import UserError
 from mae_jax.evaluators.base import Context, Periodic
 
 __all__ = ["Context", "Periodic", "build", "check_config"]
 
-# Keys every entry takes, beside its type's DEFAULTS.
+# Keys every entry takes, beside its type's DEFAULTS, and their rules.
 COMMON = {"every_steps": 0, "every_epochs": 0.0}
+COMMON_CHECKS = {"every_steps": configlib.integer("[0, inf)"),
+                 "every_epochs": configlib.number("[0, inf)")}  # both 0 = off.
 
 
 def _module(name: str, entry) -> object:
@@ -43,17 +47,18 @@ def _module(name: str, entry) -> object:
 
 
 def _resolved(name: str, entry, module) -> ml_collections.ConfigDict:
-  """The entry with the type's defaults filled in; UserError for keys the type does not take."""
+  """The entry with the type's defaults filled in; UserError for keys the type does not take
+  and for values its rules refuse."""
   defaults = dict(COMMON, **module.DEFAULTS, type=entry["type"])
   unknown = sorted(set(entry.keys()) - set(defaults))
   if unknown:
     raise UserError(f"config.evals.{name} ({entry['type']}): unknown key(s) "
                     f"{', '.join(unknown)}; it takes {', '.join(sorted(defaults))}")
-  cfg = ml_collections.ConfigDict(defaults)
-  cfg.update(dict(entry))
-  if not isinstance(cfg.every_steps, int) or cfg.every_steps < 0 or cfg.every_epochs < 0:
-    raise UserError(f"config.evals.{name}: every_steps must be an integer >= 0 and every_epochs "
-                    f">= 0 (both 0 = off), got {cfg.every_steps!r} and {cfg.every_epochs!r}")
+  # Merged before the ConfigDict is made: its type checks would turn a wrong type into a
+  # TypeError; the rules below name it.
+  cfg = ml_collections.ConfigDict({**defaults, **dict(entry)})
+  configlib.check(cfg, {**COMMON_CHECKS, **getattr(module, "CHECKS", {})},
+                  where=f"config.evals.{name}")
   return cfg
 
 

@@ -16,11 +16,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mae_jax import configlib
 from mae_jax.errors import UserError
 from mae_jax.evaluators.base import Context, Periodic
 from mae_jax.trainable import Classifier
 
 DEFAULTS = {"every_epochs": 1.0, "batch_size": 256}
+CHECKS = {"batch_size": configlib.integer("[1, inf)")}
 
 
 class Evaluator(Periodic):
@@ -33,10 +35,11 @@ class Evaluator(Periodic):
       raise UserError("a classification evaluator needs a classifier (config.task finetune or "
                       f"linprobe); config.task={ctx.config.task!r} trains "
                       f"{type(classifier).__name__}")
+    configlib.check(cfg, CHECKS, where="config.evals.classification")  # outside `build`.
     n_dev = ctx.mesh.devices.size
-    if cfg.batch_size <= 0 or cfg.batch_size % n_dev:
+    if cfg.batch_size % n_dev:
       raise UserError(f"config.evals classification: batch_size={cfg.batch_size} must be "
-                      f"positive and divisible by the {n_dev} devices")
+                      f"divisible by the {n_dev} devices")
     ctx.source.check_split(ctx.config.dataset.eval_split)
     self.ctx, self.batch_size = ctx, cfg.batch_size
     top_k = min(5, classifier.num_classes)

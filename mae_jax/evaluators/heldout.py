@@ -20,12 +20,15 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mae_jax import configlib
 from mae_jax.errors import UserError
 from mae_jax.evaluators import panels
 from mae_jax.evaluators.base import Context, Periodic
 from mae_jax.methods.base import Method
 
 DEFAULTS = {"batches": 0, "num_images": 8}
+CHECKS = {"batches": configlib.integer("[0, inf)"),  # 0 = every full batch.
+          "num_images": configlib.integer("[0, inf)")}
 _KEY_SALT = 0x4D4F4E  # the held-out masks come from fold_in(PRNGKey(seed), salt): not training's.
 IMAGE_TAG = "reconstructions"
 
@@ -39,8 +42,7 @@ class Evaluator(Periodic):
     if not isinstance(method, Method):
       raise UserError("a heldout evaluator scores a pretraining method's loss; "
                       f"config.task={config.task!r} trains {type(method).__name__}")
-    if cfg.batches < 0 or cfg.num_images < 0:
-      raise UserError("config.evals heldout: batches and num_images must be >= 0")
+    configlib.check(cfg, CHECKS, where="config.evals.heldout")  # when built outside `build`.
     self.ctx, self.method = ctx, method
     self.split = config.dataset.eval_split
     source.check_split(self.split)
@@ -93,9 +95,9 @@ class Evaluator(Periodic):
       batches.close()
       self._images = first["image"][first["mask"] > 0]
     recon = jax.device_get(self._reconstruct(state.params, self._images, self.image_key))
-    d, size = self.ctx.config.dataset, self.ctx.config.image_size
+    d, size = self.ctx.config.dataset, min(configlib.image_hw(self.ctx.config.image_size))
     shown = panels.panels(self._images, recon, d.mean, d.std)
-    scale = max(1, -(-64 // size))  # tiny images: at least 64 px per cell.
+    scale = max(1, -(-64 // size))  # tiny images: at least 64 px per cell (the shorter side).
     return {IMAGE_TAG: panels.tile([shown[p] for p in panels.PANELS], scale=scale)}
 
   def run(self, state) -> dict:

@@ -19,13 +19,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import data
+from mae_jax import configlib, data
 from mae_jax.errors import UserError
 from mae_jax.evaluators.base import Context, Periodic
 
 # pool '' = the method's default ('cls' for MAE, 'avg' for ConvMAE); batch_size 0 =
 # config.batch_size.
 DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "", "batch_size": 0}
+# Also the rules of config.knn of the 'knn' task (k, temperature, pool).
+CHECKS = {"k": configlib.integer("[1, inf)"), "temperature": configlib.number("(0, inf)"),
+          "pool": configlib.one_of("", "cls", "avg"), "batch_size": configlib.integer("[0, inf)")}
+
+
+def check_task_config(config) -> None:
+  """config.knn of the 'knn' task: k, temperature and pool as an evaluator entry's."""
+  configlib.check(config.knn, {k: CHECKS[k] for k in ("k", "temperature", "pool")},
+                  where="config.knn")
+
+
+def check_pool(method, image_size, pool: str, where: str) -> None:
+  """UserError naming `where` if `method`'s features do not take `pool` ('' = the method's
+  default; ConvMAE has no cls token) at image_size (S or (H, W)); traced abstractly, nothing is
+  computed."""
+  images = jax.ShapeDtypeStruct((1, *configlib.image_hw(image_size), 3), jnp.float32)
+  params = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
+  try:
+    jax.eval_shape(lambda p, x: method.features(p, x, pool or None), params, images)
+  except UserError as e:
+    raise UserError(f"{where}={pool!r}: {e}") from None
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -131,13 +152,12 @@ class Evaluator(Periodic):
 
   def __init__(self, cfg, ctx: Context):
     super().__init__(cfg.every_steps, ctx.total_steps)
-    if cfg.k < 1 or cfg.temperature <= 0:
-      raise UserError(f"config.evals knn: k must be >= 1 and temperature > 0, got k={cfg.k}, "
-                      f"temperature={cfg.temperature}")
+    configlib.check(cfg, CHECKS, where="config.evals.knn")  # when built outside `build`.
     if ctx.source.num_classes < 2:
       raise UserError(f"a k-NN evaluator needs a labelled dataset; {ctx.source.name} has "
                       f"{ctx.source.num_classes} classes")
     ctx.source.check_split(ctx.config.dataset.eval_split)
+    check_pool(ctx.trainable, ctx.config.image_size, cfg.pool, "config.evals knn: pool")
     self.cfg, self.ctx = cfg, ctx
 
   def run(self, state) -> dict[str, float]:

@@ -14,17 +14,27 @@ from mae_jax.errors import UserError
 from mae_jax.methods.base import Method
 
 
-def get_method(config, total_steps: Optional[int] = None) -> Method:
-  """`mae_jax.methods.<config.method>.Method(config, total_steps)`, its keys validated;
-  `total_steps` is the run's length (None outside a training run)."""
+def _module(config):
+  """The module `mae_jax.methods.<config.method>`; UserError if there is none."""
   name = config.method
   if not name or not name.isidentifier() or name == "base":
     raise UserError(f"config.method={name!r} is not a method name")
   module_name = f"mae_jax.methods.{name}"
   try:
-    module = importlib.import_module(module_name)
+    return importlib.import_module(module_name)
   except ModuleNotFoundError as e:
     if e.name == module_name:
       raise UserError(f"unknown method {name!r}: there is no mae_jax/methods/{name}.py") from None
     raise
-  return module.Method(config, total_steps)
+
+
+def check_config(config) -> None:
+  """config.method names a method and its keys hold values it can use (`Method.check_config`);
+  builds nothing."""
+  _module(config).Method.check_config(config)
+
+
+def get_method(config, total_steps: Optional[int] = None) -> Method:
+  """`mae_jax.methods.<config.method>.Method(config, total_steps)`, its keys validated;
+  `total_steps` is the run's length (None outside a training run)."""
+  return _module(config).Method(config, total_steps)

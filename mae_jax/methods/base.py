@@ -27,6 +27,13 @@ class Method(Trainable):
   # [B, H, W, 3], 'mask' [B, H, W, 1]}` (held-out image panels, analysis); None: they do not.
   reconstruct: Optional[Callable] = None
 
+  @staticmethod
+  @abc.abstractmethod
+  def check_config(config) -> None:
+    """UserError (one line) for a value of the method's keys that cannot work. Builds nothing
+    and reads no file: the run calls it before the data, the model or the workdir is touched;
+    the constructor calls it too."""
+
   @property
   @abc.abstractmethod
   def model(self) -> nn.Module:

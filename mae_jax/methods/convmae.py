@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mae_jax import masking
+from mae_jax import configlib
 from mae_jax.errors import UserError
 from mae_jax.methods import base, mae
 from mae_jax.models import convvit
@@ -34,27 +34,23 @@ class ConvMAE(nn.Module):
     return self.decoder(latent, ids_restore)  # [B, L, 16*16*3]
 
 
-def check_model_config(config) -> ConvMAEEncoder:
-  """The encoder named by config.model.variant; UserError for values that cannot work."""
+def check_model_config(config) -> convvit.ConvViTSize:
+  """The size config.model.variant names and config.image_size at the stage strides; UserError
+  for values that cannot work."""
+  configlib.check(config, mae.CHECKS)
   try:
     size = convvit.get_size(config.model.variant)
   except ValueError as e:
     raise UserError(f"config.model.variant: {e}") from None
-  if config.image_size % PATCH_SIZE:
-    raise UserError(f"config.image_size={config.image_size} is not a multiple of {PATCH_SIZE}, "
-                    "the pixels per ConvMAE stage-3 token")
-  if not 0.0 < config.mask_ratio < 1.0:
-    raise UserError(f"config.mask_ratio must be in (0, 1), got {config.mask_ratio}")
-  m = config.model
-  if m.dwconv_impl not in convvit.DWCONV_IMPLS:
-    raise UserError(f"config.model.dwconv_impl={m.dwconv_impl!r} is not one of "
+  if config.model.dwconv_impl not in convvit.DWCONV_IMPLS:
+    raise UserError(f"config.model.dwconv_impl={config.model.dwconv_impl!r} is not one of "
                     f"{convvit.DWCONV_IMPLS}")
-  if m.decoder_width % 4 or m.decoder_width % m.decoder_heads:
-    raise UserError(f"config.model.decoder_width={m.decoder_width} must be divisible by 4 and "
-                    f"by config.model.decoder_heads={m.decoder_heads}")
-  return ConvMAEEncoder(widths=size.widths, depths=size.depths, num_heads=size.num_heads,
-                        drop_path_rate=m.drop_path_rate, dwconv_impl=m.dwconv_impl,
-                        compute=compute_of(config))
+  if configlib.image_grid(config.image_size, PATCH_SIZE) is None:
+    raise UserError(f"config.image_size={config.image_size} is not a multiple of {PATCH_SIZE}, "
+                    "the pixels per ConvMAE stage-3 token (strides "
+                    f"{' x '.join(map(str, convvit.STRIDES))})")
+  mae.check_decoder(config)
+  return size
 
 
 class Method(mae.Method):
@@ -67,23 +63,27 @@ class Method(mae.Method):
 
   name = "convmae"
 
+  @staticmethod
+  def check_config(config) -> None:
+    check_model_config(config)
+    h, w = configlib.image_grid(config.image_size, PATCH_SIZE)
+    mae.num_keep(config, h * w, "stage-3 tokens")
+
   def __init__(self, config, total_steps=None):
     base.Method.__init__(self, config, total_steps)  # not mae.Method's: that one builds a ViT.
-    encoder = check_model_config(config)
-    g = config.image_size // PATCH_SIZE
-    self.grid = (g, g)
+    size = check_model_config(config)
+    self.grid = configlib.image_grid(config.image_size, PATCH_SIZE)  # (H / 16, W / 16)
     self.patch_size = PATCH_SIZE
-    self.num_patches = g * g
-    self.num_keep = masking.num_visible(self.num_patches, config.mask_ratio)
-    if not 0 < self.num_keep < self.num_patches:
-      raise UserError(f"config.mask_ratio={config.mask_ratio} keeps {self.num_keep} of the "
-                      f"{self.num_patches} stage-3 tokens; keep at least one, mask at least one")
+    self.num_patches = self.grid[0] * self.grid[1]
+    self.num_keep = mae.num_keep(config, self.num_patches, "stage-3 tokens")
     m = config.model
+    encoder = ConvMAEEncoder(widths=size.widths, depths=size.depths, num_heads=size.num_heads,
+                             drop_path_rate=m.drop_path_rate, dwconv_impl=m.dwconv_impl,
+                             compute=compute_of(config))
     decoder = MAEDecoder(width=m.decoder_width, depth=m.decoder_depth, num_heads=m.decoder_heads,
                          out_dim=PATCH_SIZE**2 * 3, grid=self.grid, has_cls=False,
                          compute=compute_of(config))
     self._model = ConvMAE(encoder=encoder, decoder=decoder)
-
 
   def features(self, params, images, pool=None):
     """Mean of all stage-3 tokens (ConvMAE has no cls token; its linear probe averages)."""

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax import masking
+from mae_jax import configlib, masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
-from mae_jax.methods.mae import check_model_config, vit_features
+from mae_jax.methods.mae import (DECODER_CHECKS, ENCODER_CHECKS, check_decoder, num_keep,
+                                 vit_encoder, vit_features, vit_size)
 from mae_jax.models.vit import (Compute, ViT, compute_of, dense_init, gather_tokens, run_blocks,
                                 token_init)
 
@@ -125,6 +126,25 @@ class DropPos(nn.Module):
     return self.decoder(x)  # [B, M, N]
 
 
+CHECKS = {
+    "mask_ratio": configlib.number("(0, 1)"),
+    "pos_mask_ratio": configlib.number("(0, 1]"),  # 1: every visible token loses its position.
+    "sigma": configlib.number("[0, inf)"),  # 0: one-hot targets from the start.
+    "attentive_tau": configlib.number("[0, inf)"),  # 0: plain average.
+    **ENCODER_CHECKS, **DECODER_CHECKS}
+
+
+def num_pos_keep(config, visible: int) -> int:
+  """Visible tokens that keep their position: int(M * (1 - gamma_pos)) (12 of 49), as MAE's
+  num_visible; UserError unless at least one of the `visible` loses it (the loss's tokens)."""
+  keep = masking.num_visible(visible, config.pos_mask_ratio)
+  if not keep < visible:
+    raise UserError(f"config.pos_mask_ratio={config.pos_mask_ratio} drops the position of "
+                    f"{visible - keep} of the {visible} visible tokens; at least one must be "
+                    "dropped")
+  return keep
+
+
 class Method(base.Method):
   """DropPos pretraining: config.model.{variant, drop_path_rate, decoder_*}, config.mask_ratio,
   config.pos_mask_ratio, config.sigma, config.attentive_tau (0 = plain average), config.masking.
@@ -136,27 +156,21 @@ class Method(base.Method):
 
   name = "droppos"
 
+  @staticmethod
+  def check_config(config) -> None:
+    configlib.check(config, CHECKS)
+    _, grid = vit_size(config)
+    num_pos_keep(config, num_keep(config, grid[0] * grid[1]))
+    check_decoder(config, sincos=False)  # the position decoder has no position embedding.
+
   def __init__(self, config, total_steps=None):
     super().__init__(config, total_steps)
-    encoder, self.grid = check_model_config(config)
+    self.check_config(config)
+    encoder, self.grid = vit_encoder(config)
     self.num_patches = self.grid[0] * self.grid[1]
-    self.num_keep = masking.num_visible(self.num_patches, config.mask_ratio)
-    if not 1 <= self.num_keep < self.num_patches:
-      raise UserError(f"config.mask_ratio={config.mask_ratio} keeps {self.num_keep} of "
-                      f"{self.num_patches} patches; at least one must be kept and one masked")
-    if not 0.0 < config.pos_mask_ratio <= 1.0:
-      raise UserError(f"config.pos_mask_ratio must be in (0, 1], got {config.pos_mask_ratio}")
-    # Tokens that keep their position: int(M * (1 - gamma_pos)) (12 of 49), as MAE's
-    # num_visible; with gamma_pos > 0 at least one position is dropped.
-    self.num_pos_keep = masking.num_visible(self.num_keep, config.pos_mask_ratio)
-    if config.sigma < 0:
-      raise UserError(f"config.sigma must be >= 0, got {config.sigma}")
-    if config.attentive_tau < 0:
-      raise UserError(f"config.attentive_tau must be >= 0 (0 = off), got {config.attentive_tau}")
+    self.num_keep = num_keep(config, self.num_patches)
+    self.num_pos_keep = num_pos_keep(config, self.num_keep)
     m = config.model
-    if m.decoder_width % m.decoder_heads:
-      raise UserError(f"config.model.decoder_width={m.decoder_width} must be divisible by "
-                      f"config.model.decoder_heads={m.decoder_heads}")
     decoder = PositionDecoder(width=m.decoder_width, depth=m.decoder_depth,
                               num_heads=m.decoder_heads, num_positions=self.num_patches,
                               compute=compute_of(config))

@@ -11,11 +11,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax import masking
+from mae_jax import configlib, masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
 from mae_jax.models.decoder import MAEDecoder
-from mae_jax.models.vit import ViT, compute_of, parse_variant
+from mae_jax.models.vit import ViT, ViTSize, compute_of, parse_variant
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -104,28 +104,61 @@ class MAE(nn.Module):
     return self.decoder(latent, ids_restore)  # [B, L, p*p*3]
 
 
-def vit_encoder(config) -> tuple[ViT, tuple[int, int]]:
-  """The ViT named by config.model.variant (with config.model.drop_path_rate) and its patch grid
-  at config.image_size; UserError if they don't fit."""
+# DropPath divides by 1 - rate.
+ENCODER_CHECKS = {"model.drop_path_rate": configlib.number("[0, 1)")}
+DECODER_CHECKS = {
+    "model.decoder_width": configlib.integer("[1, inf)"),
+    "model.decoder_depth": configlib.integer("[0, inf)"),  # 0: embed, norm and the linear head.
+    "model.decoder_heads": configlib.integer("[1, inf)"),
+}
+CHECKS = {"mask_ratio": configlib.number("(0, 1)"), "norm_pix_loss": configlib.BOOL,
+          **ENCODER_CHECKS, **DECODER_CHECKS}
+
+
+def vit_size(config) -> tuple[ViTSize, tuple[int, int]]:
+  """The ViT size config.model.variant names and its patch grid (H / p, W / p) at
+  config.image_size (S or (H, W)); UserError if they don't fit."""
+  configlib.check(config, ENCODER_CHECKS)
   try:
     size = parse_variant(config.model.variant)
   except ValueError as e:
     raise UserError(f"config.model.variant: {e}") from None
-  if config.image_size % size.patch_size:
+  if size.patch_size < 1:
+    raise UserError(f"config.model.variant={config.model.variant!r}: the patch size must be >= 1")
+  grid = configlib.image_grid(config.image_size, size.patch_size)
+  if grid is None:
     raise UserError(f"config.image_size={config.image_size} is not divisible by the patch size "
                     f"{size.patch_size} of config.model.variant={config.model.variant!r}")
+  return size, grid
+
+
+def vit_encoder(config) -> tuple[ViT, tuple[int, int]]:
+  """The ViT named by config.model.variant (with config.model.drop_path_rate) and its patch grid
+  at config.image_size; UserError if they don't fit."""
+  _, grid = vit_size(config)
   encoder = ViT.from_variant(config.model.variant, drop_path_rate=config.model.drop_path_rate,
                              compute=compute_of(config))
-  g = config.image_size // size.patch_size
-  return encoder, (g, g)
-
-
-def check_model_config(config) -> tuple[ViT, tuple[int, int]]:
-  """`vit_encoder(config)`, and config.mask_ratio checked; UserError if anything doesn't fit."""
-  encoder, grid = vit_encoder(config)
-  if not 0.0 < config.mask_ratio < 1.0:
-    raise UserError(f"config.mask_ratio must be in (0, 1), got {config.mask_ratio}")
   return encoder, grid
+
+
+def check_decoder(config, sincos: bool = True) -> None:
+  """config.model.decoder_*: sizes >= 1 (depth >= 0), the width split into the heads and, for a
+  sin-cos position embedding (`sincos`), divisible by 4."""
+  configlib.check(config, DECODER_CHECKS)
+  m = config.model
+  if (sincos and m.decoder_width % 4) or m.decoder_width % m.decoder_heads:
+    raise UserError(f"config.model.decoder_width={m.decoder_width} must be divisible by "
+                    f"{'4 and by ' if sincos else ''}config.model.decoder_heads={m.decoder_heads}")
+
+
+def num_keep(config, num_patches: int, what: str = "patches") -> int:
+  """`masking.num_visible` of config.mask_ratio; UserError unless at least one of the
+  `num_patches` is kept and one masked (the encoder needs a token, the loss a masked one)."""
+  keep = masking.num_visible(num_patches, config.mask_ratio)
+  if not 1 <= keep < num_patches:
+    raise UserError(f"config.mask_ratio={config.mask_ratio} keeps {keep} of the {num_patches} "
+                    f"{what}; at least one must be kept and one masked")
+  return keep
 
 
 class Method(base.Method):
@@ -133,19 +166,21 @@ class Method(base.Method):
 
   name = "mae"
 
+  @staticmethod
+  def check_config(config) -> None:
+    configlib.check(config, CHECKS)
+    _, grid = vit_size(config)
+    num_keep(config, grid[0] * grid[1])
+    check_decoder(config)
+
   def __init__(self, config, total_steps=None):
     super().__init__(config, total_steps)
-    encoder, self.grid = check_model_config(config)
+    self.check_config(config)
+    encoder, self.grid = vit_encoder(config)
     self.patch_size = encoder.patch_size
     self.num_patches = self.grid[0] * self.grid[1]
-    self.num_keep = masking.num_visible(self.num_patches, config.mask_ratio)
-    if not 1 <= self.num_keep < self.num_patches:
-      raise UserError(f"config.mask_ratio={config.mask_ratio} keeps {self.num_keep} of "
-                      f"{self.num_patches} patches; at least one must be kept and one masked")
+    self.num_keep = num_keep(config, self.num_patches)
     m = config.model
-    if m.decoder_width % 4 or m.decoder_width % m.decoder_heads:
-      raise UserError(f"config.model.decoder_width={m.decoder_width} must be divisible by 4 and "
-                      f"by config.model.decoder_heads={m.decoder_heads}")
     decoder = MAEDecoder(width=m.decoder_width, depth=m.decoder_depth, num_heads=m.decoder_heads,
                          out_dim=self.patch_size**2 * 3, grid=self.grid,
                          compute=compute_of(config))

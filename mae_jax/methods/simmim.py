@@ -19,11 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax import masking
+from mae_jax import configlib, masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
-from mae_jax.methods.mae import patchify, reconstruction, vit_features
-from mae_jax.models.vit import ViT, compute_of, dense_init, parse_variant
+from mae_jax.methods.mae import ENCODER_CHECKS, patchify, reconstruction, vit_features, vit_size
+from mae_jax.models.vit import ViT, compute_of, dense_init
 
 # timm's trunc_normal_(std=.02) (the official mask token init) cuts at +-2 absolute, i.e. at 100
 # standard deviations: the same as a plain normal(0.02).
@@ -66,40 +66,53 @@ class SimMIM(nn.Module):
     return nn.Dense(out_dim, kernel_init=dense_init, name="head")(tokens[:, 1:])  # [B, L, p*p*3]
 
 
+CHECKS = {"mask_patch_size": configlib.integer("[1, inf)"),
+          "mask_ratio": configlib.number("(0, 1)"), **ENCODER_CHECKS}
+
+
+def mask_grid(config) -> tuple[tuple[int, int], int, int]:
+  """((H / mask_patch_size, W / mask_patch_size) mask-cell grid, tokens per cell side, masked
+  cells) of config.mask_patch_size and config.mask_ratio at config.image_size; UserError if
+  they don't fit."""
+  size, _ = vit_size(config)
+  p, mp = size.patch_size, config.mask_patch_size
+  if mp % p:
+    raise UserError(f"config.mask_patch_size={mp} must be a positive multiple of the patch "
+                    f"size {p} of config.model.variant={config.model.variant!r}")
+  grid = configlib.image_grid(config.image_size, mp)
+  if grid is None:
+    raise UserError(f"config.image_size={config.image_size} is not divisible by "
+                    f"config.mask_patch_size={mp}")
+  cells = grid[0] * grid[1]
+  # ceil, as the official MaskGenerator's mask_count.
+  masked = int(math.ceil(cells * config.mask_ratio))
+  if not 0 < masked < cells:
+    raise UserError(f"config.mask_ratio={config.mask_ratio} masks {masked} of the {cells} mask "
+                    "cells; mask at least one, keep at least one")
+  return grid, mp // p, masked
+
+
 class Method(base.Method):
   """SimMIM pretraining: config.model.{variant, drop_path_rate}, config.mask_patch_size,
   config.mask_ratio, config.masking ('random' | 'block', both on the mask-patch grid)."""
 
   name = "simmim"
 
+  @staticmethod
+  def check_config(config) -> None:
+    configlib.check(config, CHECKS)
+    mask_grid(config)
+
   def __init__(self, config, total_steps=None):
     super().__init__(config, total_steps)
-    try:
-      size = parse_variant(config.model.variant)
-    except ValueError as e:
-      raise UserError(f"config.model.variant: {e}") from None
-    p, mp = size.patch_size, config.mask_patch_size
-    if mp <= 0 or mp % p:
-      raise UserError(f"config.mask_patch_size={mp} must be a positive multiple of the patch "
-                      f"size {p} of config.model.variant={config.model.variant!r}")
-    if config.image_size % mp:
-      raise UserError(f"config.image_size={config.image_size} is not divisible by "
-                      f"config.mask_patch_size={mp}")
-    if not 0.0 < config.mask_ratio < 1.0:
-      raise UserError(f"config.mask_ratio must be in (0, 1), got {config.mask_ratio}")
-    self.patch_size = p
-    self.scale = mp // p  # tokens per mask cell along each side
-    g = config.image_size // mp
-    self.mask_grid = (g, g)
-    self.grid = (g * self.scale, g * self.scale)
-    self.num_cells = g * g
-    # ceil, as the official MaskGenerator's mask_count.
-    self.num_masked_cells = int(math.ceil(self.num_cells * config.mask_ratio))
-    if not 0 < self.num_masked_cells < self.num_cells:
-      raise UserError(f"config.mask_ratio={config.mask_ratio} masks {self.num_masked_cells} of "
-                      f"the {self.num_cells} mask cells; mask at least one, keep at least one")
+    self.check_config(config)
+    self.mask_grid, self.scale, self.num_masked_cells = mask_grid(config)
+    gh, gw = self.mask_grid
+    self.grid = (gh * self.scale, gw * self.scale)  # the token grid
+    self.num_cells = gh * gw
     encoder = ViT.from_variant(config.model.variant, drop_path_rate=config.model.drop_path_rate,
                                compute=compute_of(config))
+    self.patch_size = encoder.patch_size
     self._model = SimMIM(encoder=encoder)
 
   @property

@@ -23,11 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax import masking
+from mae_jax import configlib, masking
 from mae_jax.errors import UserError
 from mae_jax.methods import base
-from mae_jax.methods.mae import (masked_mse, pixel_targets, reconstruction, vit_encoder,
-                                 vit_features)
+from mae_jax.methods.mae import (DECODER_CHECKS, ENCODER_CHECKS, check_decoder, masked_mse,
+                                 pixel_targets, reconstruction, vit_encoder, vit_features,
+                                 vit_size)
 from mae_jax.models.decoder import MAEDecoder
 from mae_jax.models.vit import ViT, compute_of, dense_init
 
@@ -90,28 +91,35 @@ class SplitMask(nn.Module):
     return outs
 
 
+CHECKS = {
+    "norm_pix_loss": configlib.BOOL,
+    "nce_temperature": configlib.number("(0, inf)"),
+    "nce_weight": configlib.number("[0, inf)"),  # 0: inpainting alone.
+    **ENCODER_CHECKS, **DECODER_CHECKS}
+
+
 class Method(base.Method):
   """SplitMask pretraining: config.model.{variant, drop_path_rate, decoder_*},
   config.norm_pix_loss, config.nce_temperature, config.nce_weight, config.masking."""
 
   name = "splitmask"
 
+  @staticmethod
+  def check_config(config) -> None:
+    configlib.check(config, CHECKS)
+    _, (h, w) = vit_size(config)
+    if h * w < 2:
+      raise UserError(f"SplitMask needs at least 2 patches; config.image_size="
+                      f"{config.image_size} gives {h * w}")
+    check_decoder(config)
+
   def __init__(self, config, total_steps=None):
     super().__init__(config, total_steps)
+    self.check_config(config)
     encoder, self.grid = vit_encoder(config)
     self.patch_size = encoder.patch_size
     self.num_patches = self.grid[0] * self.grid[1]
-    if self.num_patches < 2:
-      raise UserError(f"SplitMask needs at least 2 patches; config.image_size="
-                      f"{config.image_size} gives {self.num_patches}")
-    if not config.nce_temperature > 0:
-      raise UserError(f"config.nce_temperature must be positive, got {config.nce_temperature}")
-    if config.nce_weight < 0:
-      raise UserError(f"config.nce_weight must be >= 0, got {config.nce_weight}")
     m = config.model
-    if m.decoder_width % 4 or m.decoder_width % m.decoder_heads:
-      raise UserError(f"config.model.decoder_width={m.decoder_width} must be divisible by 4 and "
-                      f"by config.model.decoder_heads={m.decoder_heads}")
     decoder = MAEDecoder(width=m.decoder_width, depth=m.decoder_depth, num_heads=m.decoder_heads,
                          out_dim=m.decoder_width, grid=self.grid, compute=compute_of(config))
     self._model = SplitMask(encoder=encoder, decoder=decoder, out_dim=self.patch_size**2 * 3)

@@ -40,10 +40,10 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from mae_jax import optim, workdir as workdirs
+from mae_jax import configlib, optim, workdir as workdirs
 from mae_jax.errors import UserError
 from mae_jax.methods import base
-from mae_jax.methods.mae import vit_encoder, vit_features
+from mae_jax.methods.mae import ENCODER_CHECKS, vit_encoder, vit_features, vit_size
 from mae_jax.models.vit import ViT, dense_init
 
 TARGETS = ("relation", "feature", "cls")
@@ -216,7 +216,11 @@ def stored_encoder_shapes(workdir: str, step: Optional[int]) -> tuple[int, dict[
   return step, encoder
 
 
-def load_teacher(t_cfg, student: ViT, image_size: int) -> Teacher:
+def _tokens(hw: tuple[int, int], patch_size: int) -> int:
+  return (hw[0] // patch_size) * (hw[1] // patch_size)
+
+
+def load_teacher(t_cfg, student: ViT, image_size) -> Teacher:
   """Validates config.teacher against the student and reads what the teacher is (its config and
   checkpoint metadata, no weights). UserError (one line) for anything that does not fit."""
   workdir = workdirs.absolute(t_cfg.workdir)
@@ -225,18 +229,19 @@ def load_teacher(t_cfg, student: ViT, image_size: int) -> Teacher:
     raise UserError(f"config.teacher.workdir={workdir} is a {pre.get('task')!r} workdir; the "
                     "teacher must be a pretraining one")
   encoder = teacher_encoder(pre, workdir)
-  t_grid = pre.image_size // encoder.patch_size
-  s_grid = image_size // student.patch_size
+  t_hw, s_hw = configlib.image_hw(pre.image_size), configlib.image_hw(image_size)
+  s_tokens = _tokens(s_hw, student.patch_size)
   where = f"the teacher {workdir} ({pre.model.variant} at {pre.image_size} px)"
   if encoder.patch_size != student.patch_size:
-    t_tokens = (image_size // encoder.patch_size)**2
     raise UserError(f"{where} has {encoder.patch_size} px patches, the student "
-                    f"{student.patch_size} px: relations need the same tokens ({t_tokens} vs "
-                    f"{s_grid**2} patches at {image_size} px)")
-  if pre.image_size != image_size:
-    raise UserError(f"{where} was pretrained at image_size {pre.image_size} ({t_grid**2} "
-                    f"patches); this run has config.image_size={image_size} ({s_grid**2}): "
-                    "teacher and student must see the same tokens")
+                    f"{student.patch_size} px: relations need the same tokens "
+                    f"({_tokens(s_hw, encoder.patch_size)} vs {s_tokens} patches at "
+                    f"{image_size} px)")
+  if t_hw != s_hw:
+    raise UserError(f"{where} was pretrained at image_size {pre.image_size} "
+                    f"({_tokens(t_hw, encoder.patch_size)} patches); this run has "
+                    f"config.image_size={image_size} ({s_tokens}): teacher and student must "
+                    "see the same tokens")
   depth = encoder.depth
   layer = t_cfg.layer or depth
   if not 1 <= layer <= depth:
@@ -250,7 +255,7 @@ def load_teacher(t_cfg, student: ViT, image_size: int) -> Teacher:
   module = encoder.clone(parent=None, depth=layer, drop_path_rate=0.0, global_pool="",
                          num_classes=0, learnable_pos_embed="pos_embed" in stored,
                          **_sowing_compute(encoder, t_cfg.dtype))
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  images = jax.ShapeDtypeStruct((1, *s_hw, 3), jnp.float32)
   want = workdirs.flat_shapes(jax.eval_shape(module.init, jax.random.PRNGKey(0),
                                              images)["params"])
   # Only the first `layer` blocks are built: the checkpoint may hold more (never fewer).
@@ -300,31 +305,38 @@ def parse_targets(spec: str) -> tuple[str, ...]:
   return names
 
 
+CHECKS = {
+    "color_jitter": configlib.number("[0, inf)"),  # 0 = off.
+    "teacher.step": configlib.integer("[0, inf)"),  # 0 = the latest checkpoint.
+    # 1-based, 0 = the last block; the teacher's depth bounds it when the teacher is read.
+    "teacher.layer": configlib.integer("[0, inf)"),
+    "teacher.dtype": configlib.one_of(*DTYPES),
+    **ENCODER_CHECKS}
+
+
 class Method(base.Method):
   """TinyMIM distillation: config.model.{variant, drop_path_rate} (the student),
   config.teacher.{workdir, step, layer, dtype}, config.targets, config.color_jitter."""
 
   name = "tinymim"
 
-  def __init__(self, config, total_steps=None):
-    super().__init__(config, total_steps)
-    self._encoder, self.grid = vit_encoder(config)
+  @staticmethod
+  def check_config(config) -> None:
+    configlib.check(config, CHECKS)
+    vit_size(config)
     if config.get("compute") is not None and config.compute.get("scan"):
       raise UserError("config.compute.scan=True: TinyMIM reads q, k, v of the student's last "
                       "block, which blocks run as one scan do not expose; set it to False")
-    self.targets = parse_targets(config.targets)
-    if config.color_jitter < 0:
-      raise UserError(f"config.color_jitter must be >= 0 (0 = off), got {config.color_jitter}")
-    t = config.teacher
-    if not t.workdir:
+    parse_targets(config.targets)
+    if not config.teacher.workdir:
       raise UserError("config.teacher.workdir=TEACHER_WORKDIR is required: a pretraining workdir "
                       "(ours, an import, or a TinyMIM run)")
-    if t.dtype not in DTYPES:
-      raise UserError(f"config.teacher.dtype must be one of {sorted(DTYPES)}, got {t.dtype!r}")
-    if t.layer < 0:
-      raise UserError(f"config.teacher.layer must be >= 0 (0 = the last block), got {t.layer}")
-    if t.step < 0:
-      raise UserError(f"config.teacher.step must be >= 0 (0 = latest), got {t.step}")
+
+  def __init__(self, config, total_steps=None):
+    super().__init__(config, total_steps)
+    self.check_config(config)
+    self._encoder, self.grid = vit_encoder(config)
+    self.targets = parse_targets(config.targets)
     self._heads = any(n in self.targets for n in ("feature", "cls"))
 
   # --- teacher (read on first use: see the module docstring) -------------------------------

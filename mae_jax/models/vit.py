@@ -68,8 +68,12 @@ def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding, [grid_h*grid_w (+1), dim], float32.
 
-  As the official MAE: the first dim/2 channels encode the column (w) index, the last dim/2 the
-  row (h) index; row-major flatten over (h, w); an all-zero row is prepended for the cls token.
+  As the official MAE (facebookresearch/mae util/pos_embed.py, get_2d_sincos_pos_embed): its
+  `np.meshgrid(grid_w, grid_h)` puts the column (w) index in grid[0], which encodes the first
+  dim/2 channels, and the row (h) index in grid[1], the last dim/2; tokens are flattened row-major
+  over (h, w); an all-zero row is prepended for the cls token. The official function takes one
+  square `grid_size`; for a grid_h x grid_w grid the same meshgrid runs over arange(grid_h) and
+  arange(grid_w), so a square grid gives exactly the official values.
   """
   if dim % 4 != 0:
     raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
