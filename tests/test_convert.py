@@ -528,7 +528,7 @@ def test_pth_without_torch_says_how_to_install(mae_workdir, tmp_path):
            _no_torch_env(tmp_path))
   assert r.returncode == 2
   assert r.stderr.strip().count("\n") == 0
-  assert r.stderr.startswith("error: torch is not installed") and 'pip install -e ".[torch]"' in \
-      r.stderr
+  assert r.stderr.startswith("error: torch is not installed") and \
+      'pip install "mae-jax[torch]"' in r.stderr
   with pytest.raises(UserError, match="torch extra"):
     files.require("mae_jax_no_such_module")
