@@ -46,5 +46,5 @@ def get_config(arg: str | None = None):
     c.optimizer.base_lr = 3e-3  # high for a short demo; the paper recipe keeps 1.5e-4.
   else:
     c.update(batch_size=2048, num_epochs=1600.0, warmup_epochs=40.0)  # image_size 224.
-    c.dataset.name = "imagenet2012"
+    configlib.imagenet_recipe(c)
   return configlib.lock(c)

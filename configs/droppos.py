@@ -45,6 +45,6 @@ def get_config(arg: str | None = None):
              checkpoint_every_steps=100, log_every_steps=20)
     c.optimizer.base_lr = 2e-3  # high for a short demo; the paper recipe keeps 1.5e-4.
   else:
-    c.dataset.name = "imagenet2012"
+    configlib.imagenet_recipe(c)
     c.update(batch_size=4096, num_epochs=800.0, warmup_epochs=10.0)  # image_size 224.
   return configlib.lock(c)

@@ -88,7 +88,7 @@ def get_config(arg: str | None = None):
     c.log_every_steps = 20
   else:
     epochs, base_lr, decay, drop_path = RECIPES[arg]
-    c.dataset.name = "imagenet2012"
+    configlib.imagenet_recipe(c)
     c.num_epochs = float(epochs)
     c.optimizer.base_lr = base_lr
     c.optimizer.layer_decay = decay

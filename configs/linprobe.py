@@ -65,5 +65,5 @@ def get_config(arg: str | None = None):
     c.checkpoint_every_steps = 100
     c.log_every_steps = 25
   else:
-    c.dataset.name = "imagenet2012"
+    configlib.imagenet_recipe(c)
   return configlib.lock(c)

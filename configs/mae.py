@@ -59,5 +59,5 @@ def get_config(arg: str | None = None):
     c.evals.heldout.every_steps = 100
   else:
     c.model.variant = VARIANTS[arg]
-    c.dataset.name = "imagenet2012"
+    configlib.imagenet_recipe(c)
   return configlib.lock(c)

@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
              checkpoint_every_steps=100, log_every_steps=20)
     c.optimizer.base_lr = 2e-3  # high for a short demo; the paper recipe keeps 1e-4 per 512.
   else:
-    c.dataset.name = "imagenet2012"
+    configlib.imagenet_recipe(c)
     c.update(batch_size=2048, num_epochs=800.0, warmup_epochs=10.0)  # image_size 224.
     c.optimizer.base_lr = 5e-5  # the official 1e-4 per 512 images, as our lr is per 256.
   return configlib.lock(c)

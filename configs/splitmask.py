@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
              checkpoint_every_steps=100, log_every_steps=20)
     c.optimizer.base_lr = 2e-3  # high for a short demo.
   else:
-    c.dataset.name = "imagenet2012"
+    configlib.imagenet_recipe(c)
     c.update(batch_size=2048, num_epochs=800.0, warmup_epochs=10.0)  # image_size 224.
     c.optimizer.base_lr = 1.875e-4  # BEiT's 1.5e-3 per 2048 images, as our lr is per 256.
   return configlib.lock(c)

@@ -70,5 +70,5 @@ def get_config(arg: str | None = None):
     c.optimizer.base_lr = 3e-3  # high for a short demo, as configs/mae.py's; the paper: 1.5e-4.
   else:
     c.model.variant, c.teacher.layer = VARIANTS[arg]
-    c.dataset.name = "imagenet2012"  # image_size 224.
+    configlib.imagenet_recipe(c)  # image_size 224.
   return configlib.lock(c)

@@ -151,8 +151,17 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# config.compute.dtype values.
+def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
+  """What every accelerator recipe (`:vit_*`, `:base`, ...) shares: tfds imagenet2012 and
+  bfloat16 activations (parameters, optimizer state and the loss stay float32). The CPU demos
+  keep float32: XLA:CPU runs bfloat16 matmuls slower than float32 ones."""
+  c.dataset.name = "imagenet2012"
+  c.compute.dtype = "bfloat16"
+
+
+# config.compute.dtype and config.compute.attention values.
 COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_ATTENTION = ("auto", "xla", "cudnn")
 
 
 def compute_config() -> ml_collections.ConfigDict:
@@ -166,12 +175,16 @@ def compute_config() -> ml_collections.ConfigDict:
           readers of checkpoints (mae_jax.workdir) give back the per-block layout.
   fsdp    shard parameters and optimizer state over the data axis (each array on its largest
           axis divisible by the device count; arrays under 2**16 elements stay replicated).
+  attention  how softmax(q k^T / sqrt(d)) v runs (jax.nn.dot_product_attention): 'xla', 'cudnn'
+          (cuDNN's fused flash attention; GPUs, bfloat16 only) or 'auto' (cudnn where it
+          applies, else xla).
   """
   m = ml_collections.ConfigDict()
   m.dtype = "float32"
   m.remat = False
   m.scan = False
   m.fsdp = False
+  m.attention = "auto"
   return m
 
 
@@ -239,7 +252,7 @@ NAN_POLICIES = ("stop", "skip")
 RESUME_SAFE_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "evals",
                     "best_metric", "nan_policy", "dataset.data_dir", "dataset.folder",
                     "dataset.prefetch", "dataset.verify_images", "dataset.skip_bad_images",
-                    "compute.remat", "wandb")
+                    "compute.remat", "compute.attention", "wandb")
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -479,6 +492,7 @@ COMMON = {
     "compute.remat": BOOL,
     "compute.scan": BOOL,
     "compute.fsdp": BOOL,
+    "compute.attention": one_of(*COMPUTE_ATTENTION),
     "dataset.name": NONEMPTY,
     "dataset.train_split": NONEMPTY,
     "dataset.eval_split": NONEMPTY,

@@ -111,8 +111,11 @@ def knn(config, workdir: str) -> dict:
   if not config.init_from:
     raise UserError("config.init_from=PRETRAIN_WORKDIR is required")
   pre = workdirs.read_config(config.init_from, "a pretraining workdir (config.init_from)")
-  with pre.unlocked():  # the pretrained model, scored with this config's data.
+  with pre.unlocked():  # the pretrained model, scored with this config's data and compute.
     pre.dataset = config.dataset
+    if "compute" in config:  # e.g. float32 features from a bfloat16 pretraining run.
+      pre.compute = config.compute.to_dict()
+      pre.compute.scan = False  # load_params gives the per-block layout.
   if config.image_size:
     configlib.set_image_size(pre, config.image_size)
   method = get_method(pre)

@@ -68,6 +68,8 @@ COMMON = [
     ("compute.remat", 1, "config.compute.remat must be True or False, got 1"),
     ("compute.scan", "yes", "config.compute.scan must be True or False, got 'yes'"),
     ("compute.fsdp", None, "config.compute.fsdp must be True or False, got None"),
+    ("compute.attention", "flash",
+     "config.compute.attention must be one of ('auto', 'xla', 'cudnn')"),
     ("dataset.name", "", "config.dataset.name must be a non-empty string, got ''"),
     ("dataset.name", "folder", "config.dataset.name='folder' needs config.dataset.folder=PATH"),
     ("dataset.train_split", "", "config.dataset.train_split must be a non-empty string"),

@@ -189,3 +189,48 @@ def test_resample_pos_embed_is_torch_bicubic(old, new, extra):
 def test_resample_pos_embed_rejects_a_grid_that_does_not_fit():
   with pytest.raises(ValueError, match="17 grid tokens, not 4x4"):
     vit.resample_pos_embed(np.zeros((1, 18, 8)), (4, 4), (6, 6), 1)
+
+
+def test_fused_attention_equals_the_written_out_product():
+  """The training path (jax.nn.dot_product_attention) and the path that keeps the probabilities
+  (analysis, TinyMIM) compute the same attention, forward and backward, to float32 rounding; and
+  the written-out probabilities are a softmax (rows sum to 1)."""
+  module = vit.Attention(num_heads=4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 17, 64))
+  params = module.init(jax.random.PRNGKey(0), x)
+
+  def fused(p, x):
+    return module.apply(p, x)
+
+  def written_out(p, x):
+    out, inter = module.apply(p, x, mutable=["intermediates"])
+    return out, inter["intermediates"]["attention"][0]
+
+  out_written, probs = written_out(params, x)
+  np.testing.assert_allclose(fused(params, x), out_written, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+  assert probs.shape == (3, 4, 17, 17)
+  g_fused = jax.grad(lambda p: jnp.sum(fused(p, x) ** 2))(params)
+  g_written = jax.grad(lambda p: jnp.sum(written_out(p, x)[0] ** 2))(params)
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_written)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_implementation_choice():
+  # 'auto' takes cuDNN only on a GPU with 16-bit activations; explicit choices are kept.
+  gpu = jax.default_backend() == "gpu"
+  assert vit.attention_implementation("auto", jnp.float32) == "xla"
+  assert vit.attention_implementation("auto", jnp.bfloat16) == ("cudnn" if gpu else "xla")
+  assert vit.attention_implementation("xla", jnp.bfloat16) == "xla"
+  assert vit.attention_implementation("cudnn", jnp.float32) == "cudnn"
+
+
+def test_cudnn_request_off_gpu_falls_back_to_xla():
+  # Asking for cuDNN where it cannot run (a CPU, float32) gives the XLA result, not an error.
+  if jax.default_backend() == "gpu":
+    pytest.skip("on a GPU the cuDNN path runs for real")
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 32))
+  a = vit.Attention(num_heads=2, implementation="cudnn")
+  b = vit.Attention(num_heads=2, implementation="xla")
+  params = a.init(jax.random.PRNGKey(0), x)
+  np.testing.assert_array_equal(a.apply(params, x), b.apply(params, x))

@@ -209,7 +209,11 @@ def _base_config(saved: Optional[dict], name: str, arg: str) -> ml_collections.C
     config = ml_collections.ConfigDict(saved)
     config.lock()
     return config
-  return _repo_config(name, arg)
+  config = _repo_config(name, arg)
+  # A release is a model to evaluate, convert and analyze, not a run to continue: full precision
+  # rather than the recipe's bfloat16 training activations.
+  config.compute.dtype = "float32"
+  return config
 
 
 def check_target(workdir: str, force: bool) -> None:

@@ -139,8 +139,14 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with one fused qkv projection (as timm / official MAE)."""
+  """Multi-head self-attention with one fused qkv projection (as timm / official MAE).
+
+  The product runs through `jax.nn.dot_product_attention` (`implementation`: 'xla', or 'cudnn'
+  for cuDNN's fused flash attention on GPUs; `attention_implementation` picks). When the
+  'intermediates' collection is mutable (analysis, TinyMIM's relations) the probabilities are
+  needed as an array, so the product is written out and q, k, v and the map are sown."""
   num_heads: int
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -149,15 +155,36 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * d, kernel_init=dense_init, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-    # For relation distillation and analysis only: stored when 'intermediates' is mutable.
-    self.sow("intermediates", "q", q)
-    self.sow("intermediates", "k", k)
-    self.sow("intermediates", "v", v)
-    attn = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
-    attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
-    self.sow("intermediates", "attention", attn)  # [B, heads, N, N], for analysis only.
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
-    return nn.Dense(d, kernel_init=dense_init, name="proj")(out)
+    if self.is_mutable_collection("intermediates"):
+      self.sow("intermediates", "q", q)
+      self.sow("intermediates", "k", k)
+      self.sow("intermediates", "v", v)
+      attn = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+      attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+      self.sow("intermediates", "attention", attn)  # [B, heads, N, N]
+      out = jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+    else:
+      out = _dot_product_attention(q, k, v, self.implementation)  # [B, N, heads, head_dim]
+    return nn.Dense(d, kernel_init=dense_init, name="proj")(out.reshape(b, n, d))
+
+
+def _dot_product_attention(q, k, v, implementation: str):
+  """softmax(q k^T / sqrt(head_dim)) v with logits and softmax in float32 (both paths)."""
+  if implementation == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):
+      pass  # a shape, dtype or cuDNN version it does not take: found while tracing.
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def attention_implementation(choice: str, dtype) -> str:
+  """'auto' -> 'cudnn' on a GPU backend with 16-bit activations (cuDNN's flash attention takes
+  only bfloat16 / float16), else 'xla'; 'xla' and 'cudnn' are taken as they are."""
+  if choice != "auto":
+    return choice
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
 
 
 class Mlp(nn.Module):
@@ -194,12 +221,13 @@ class Block(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
+  attention: str = "xla"  # Attention.implementation
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True, drop_path=None):
     d = x.shape[-1]
     y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
-    y = Attention(self.num_heads, name="attn")(y)
+    y = Attention(self.num_heads, self.attention, name="attn")(y)
     x = x + DropPath(self.drop_path)(y, deterministic, drop_path)
     y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
     y = Mlp(int(d * self.mlp_ratio), name="mlp")(y)
@@ -216,10 +244,11 @@ class Compute:
   (`blocks_0`, `blocks_1`, ...); a scan run's training state then holds the blocks stacked
   (`stack_blocks`: one subtree `blocks` with a leading depth axis) and readers of its
   checkpoints unstack them (`unstack_blocks`). Under scan, blocks sow no intermediates: analysis
-  runs without it."""
+  runs without it. `attention`: 'auto' | 'xla' | 'cudnn' (`attention_implementation`)."""
   dtype: str = "float32"
   remat: bool = False
   scan: bool = False
+  attention: str = "auto"
 
   @property
   def jnp_dtype(self):
@@ -231,7 +260,8 @@ def compute_of(config) -> Compute:
   c = config.get("compute") if hasattr(config, "get") else None
   if c is None:
     return Compute()
-  return Compute(dtype=c.dtype, remat=bool(c.remat), scan=bool(c.scan))
+  return Compute(dtype=c.dtype, remat=bool(c.remat), scan=bool(c.scan),
+                 attention=c.get("attention", "auto"))
 
 
 def cast_params(tree, dtype):
@@ -303,10 +333,12 @@ def run_blocks(module: nn.Module, x, *, prefix: str, num_heads: int, mlp_ratio: 
   """
   depth = len(rates)
   deterministic = not train
+  attention = attention_implementation(compute.attention, compute.dtype)
   if not compute.scan or depth < 2 or module.is_initializing():
     cls = nn.remat(Block, static_argnums=(2,)) if compute.remat else Block
     for i in range(depth):
-      x = cls(num_heads, mlp_ratio, float(rates[i]), name=f"{prefix}_{i}")(x, deterministic)
+      x = cls(num_heads, mlp_ratio, float(rates[i]), attention, name=f"{prefix}_{i}")(
+          x, deterministic)
     return x
   params = module.variables["params"]
   if prefix in params:
@@ -314,7 +346,7 @@ def run_blocks(module: nn.Module, x, *, prefix: str, num_heads: int, mlp_ratio: 
   else:
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves),
                            *[params[f"{prefix}_{i}"] for i in range(depth)])
-  block = Block(num_heads, mlp_ratio)
+  block = Block(num_heads, mlp_ratio, attention=attention)
   drop = train and float(np.max(rates)) > 0.0
   keys = jax.random.split(module.make_rng("dropout"), depth) if drop else None
 
