@@ -1,7 +1,7 @@
 """The Python API: `mae_jax.load(path)` -> a `Pretrained` model for your own images.
 
   model = mae_jax.load("workdirs/mae_tiny")     # or an official .pth, a timm file, a model folder
-  x = model.preprocess(["cat.jpg", "dog.png"])  # float32 [2, S, S, 3], the evaluation transform
+  x = model.preprocess(["cat.jpg", "dog.png"])  # float32 [2, H, W, 3], the evaluation transform
   model.features(x, pool="cls")                 # [2, D] (also "mean", "tokens": [2, T, D])
   model.reconstruct(x, mask_ratio=0.75)         # images in [0, 1] and the patch mask
   model.attention(x)                            # [layers, 2, heads, T, T]
@@ -115,7 +115,7 @@ def _items(images, name: str = "images") -> list[tuple[str, Any]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_transform(image_size: int, mean: tuple, std: tuple):
+def _eval_transform(image_size, mean: tuple, std: tuple):
   """The evaluation pipeline's transform (decode, resize the shorter side, centre crop,
   normalize) of one encoded image, as one traced TensorFlow function."""
   import tensorflow as tf
@@ -124,11 +124,14 @@ def _eval_transform(image_size: int, mean: tuple, std: tuple):
                      input_signature=[tf.TensorSpec([], tf.string)])
 
 
-def read_images(images, image_size: int, mean, std) -> np.ndarray:
-  """float32 [B, S, S, 3]: `images` (see `Pretrained.preprocess`) through the evaluation
-  pipeline's own transform at S = image_size, normalized with mean / std."""
+def read_images(images, image_size, mean, std) -> np.ndarray:
+  """float32 [B, H, W, 3]: `images` (see `Pretrained.preprocess`) through the evaluation
+  pipeline's own transform at image_size (an int S: S x S, or (H, W)), normalized with mean /
+  std."""
   import tensorflow as tf
-  transform = _eval_transform(int(image_size), tuple(map(float, mean)), tuple(map(float, std)))
+  from mae_jax import configlib
+  transform = _eval_transform(configlib.image_size_value(image_size), tuple(map(float, mean)),
+                              tuple(map(float, std)))
   out = []
   for name, item in _items(images):
     # Arrays are PNG-encoded (lossless) so that they take the very same decode, resize and crop.
@@ -183,13 +186,15 @@ class Pretrained:
 
   Attributes: `method` (name, e.g. 'mae'), `variant`, `config` (the run's resolved config),
   `params` (the whole tree; {'encoder': ...} alone for an encoder-only release), `step`,
-  `image_size`, `mean`, `std`, `patch_size` (input pixels per token), `grid` (tokens per side),
+  `image_size` (an int S for S x S inputs, or (H, W)), `mean`, `std`, `patch_size` (input pixels
+  per token), `grid` (the token grid, rows by columns: (H / patch_size, W / patch_size)),
   `has_cls`, `has_decoder`, `source` (what was loaded), `workdir` (None for an imported file),
   `notes` (what the import assumed), `trainable` (the `mae_jax.methods` object: its hooks take
   `params`).
   """
 
   def __init__(self, loaded, source: str, workdir: Optional[str], notes: tuple = ()):
+    from mae_jax import configlib
     from mae_jax.analyze import run
     self.config = loaded.config
     self.trainable = loaded.method
@@ -199,11 +204,12 @@ class Pretrained:
     self.source, self.workdir, self.notes = source, workdir, notes
     self.method = str(self.config.method)
     self.variant = self.config.model.get("variant")
-    self.image_size = int(self.config.image_size)
+    self.image_size = configlib.image_size_value(self.config.image_size)
+    self._hw = configlib.image_hw(self.image_size)
     self.mean = tuple(float(v) for v in self.config.dataset.mean)
     self.std = tuple(float(v) for v in self.config.dataset.std)
     self.grid = tuple(int(g) for g in self.trainable.grid)
-    self.patch_size = self.image_size // self.grid[1]
+    self.patch_size = self._hw[1] // self.grid[1]
     self._encoder = run.encoder_for(self.trainable, self.params)
     self.has_cls = hasattr(self._encoder, "prepend_cls")
     self._compiled: dict = {}  # jitted functions by (hook, option)
@@ -211,26 +217,29 @@ class Pretrained:
 
   def __repr__(self) -> str:
     import jax
+    from mae_jax import configlib
     count = sum(int(np.size(x)) for x in jax.tree.leaves(self.params))
     parts = "encoder + decoder" if self.has_decoder else "encoder only"
-    return (f"Pretrained({self.method} {self.variant}, {self.image_size} px, {self.patch_size} px "
+    size = configlib.image_size_text(self.image_size)
+    return (f"Pretrained({self.method} {self.variant}, {size} px, {self.patch_size} px "
             f"tokens ({self.grid[0]}x{self.grid[1]}{' + cls' if self.has_cls else ''}), "
             f"step {self.step}, {count / 1e6:.2f}M params, {parts}, from {self.source!r})")
 
   # --------------------------------------------------------------------------- inputs
 
   def preprocess(self, images) -> np.ndarray:
-    """float32 [B, S, S, 3] at this model's size S, normalized with its mean / std, through the
-    evaluation pipeline's transform (shorter side resized to S / 0.875, bicubic; centre crop).
+    """float32 [B, H, W, 3] at this model's size (S x S for an int S), normalized with its mean
+    / std, through the evaluation pipeline's transform (resized to cover (H, W) / 0.875 keeping
+    the aspect ratio, bicubic; centre crop).
     `images`: a uint8 [H, W, C] or [B, H, W, C] array (C = 1, 3 or 4), a PIL image, a file path,
     or a list of these."""
     return read_images(images, self.image_size, self.mean, self.std)
 
   def _batch(self, x) -> np.ndarray:
-    """A float batch [B, S, S, 3] is taken as preprocessed; anything else is preprocessed."""
+    """A float batch [B, H, W, 3] is taken as preprocessed; anything else is preprocessed."""
     if hasattr(x, "dtype") and hasattr(x, "shape") and np.issubdtype(x.dtype, np.floating):
       shape = tuple(x.shape)
-      want = (self.image_size, self.image_size, 3)
+      want = (*self._hw, 3)
       if len(shape) == 3:
         shape, x = (1,) + shape, np.asarray(x)[None]
       if len(shape) != 4 or shape[1:] != want or shape[0] < 1:
@@ -240,7 +249,7 @@ class Pretrained:
     return self.preprocess(x)
 
   def _batched(self, fn, images: np.ndarray, batch_size: int):
-    """fn(batch [b, S, S, 3], index) -> numpy pytree with the batch first, over `images` in
+    """fn(batch [b, H, W, 3], index) -> numpy pytree with the batch first, over `images` in
     batches of one static size b (the last padded with zeros), the padding cut off again."""
     import jax
     n = len(images)
@@ -294,7 +303,7 @@ class Pretrained:
                   batch_size: int = 64) -> dict[str, np.ndarray]:
     """Masked-image reconstructions (MAE, ConvMAE, SimMIM, SplitMask): {'original', 'masked'
     (hidden patches grey), 'reconstruction', 'pasted' (the reconstruction with the visible
-    patches pasted back)}: float32 [B, S, S, 3] in [0, 1] RGB; 'mask' [B, N] over the patch grid
+    patches pasted back)}: float32 [B, H, W, 3] in [0, 1] RGB; 'mask' [B, N] over the patch grid
     (1 = hidden); 'hidden_mse' [B] on the hidden pixels. Masks are drawn from `seed` (batch i:
     fold_in(seed, i)); `mask_ratio` overrides the config's (not for SplitMask's halves)."""
     import jax

@@ -68,6 +68,19 @@ def image_hw(size) -> tuple[int, int]:
   raise UserError(f"config.image_size must be an integer or (height, width), got {size!r}")
 
 
+def image_size_value(size):
+  """config.image_size as a hashable value: an int S stays S, (H, W) (a tuple or a list read
+  from config.json) becomes a tuple of ints. UserError for anything else."""
+  h, w = image_hw(size)
+  return h if _is_int(size) else (h, w)
+
+
+def image_size_text(size) -> str:
+  """'224' for an int S, '224x320' for (H, W): an image size in messages."""
+  h, w = image_hw(size)
+  return str(h) if _is_int(size) else f"{h}x{w}"
+
+
 def image_grid(size, divisor: int) -> Optional[tuple[int, int]]:
   """(H / divisor, W / divisor) of config.image_size, or None unless both sides are multiples of
   `divisor`."""

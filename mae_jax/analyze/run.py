@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from flax import traverse_util
 
-from mae_jax import api, data
+from mae_jax import api, configlib, data
 from mae_jax import workdir as workdirs
 from mae_jax.analyze import metrics
 from mae_jax.atomic import write_atomic
@@ -72,11 +72,11 @@ def encoder_for(method, params) -> Any:
   return module
 
 
-def check_params(method, params, image_size: int, where: str) -> bool:
+def check_params(method, params, image_size, where: str) -> bool:
   """UserError (one line) unless `params` fit `method` at `image_size`: the whole tree, or its
   encoder alone (an encoder-only release; a learned ViT pos_embed included). True for the whole
   tree."""
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  images = jnp.zeros((1, *configlib.image_hw(image_size), 3), jnp.float32)
   expected = jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
   key = method.encoder_key
   encoder = encoder_for(method, params) if key in params else method.encoder_module

@@ -1,11 +1,11 @@
 r"""`python -m mae_jax.convert`: Orbax workdir -> PyTorch file, and back.
 
   python -m mae_jax.convert export --workdir=W [--step=N] [--format=auto|timm|mae|convmae] \
-      --out=FILE.safetensors|.pth [--image_size=N] [--no_head] [--best] [--force]
+      --out=FILE.safetensors|.pth [--image_size=N|H,W] [--no_head] [--best] [--force]
   python -m mae_jax.convert export --workdir=W --format=hf|timm --out=DIR   # model folders
   python -m mae_jax.convert import --src=FILE|DIR --workdir=OUT [--arch=auto|mae|convmae|timm] \
-      [--variant=B/16|base] [--image_size=N] [--decoder_heads=N] [--norm_pix_loss=true|false] \
-      [--force]
+      [--variant=B/16|base] [--image_size=N|H,W] [--decoder_heads=N] \
+      [--norm_pix_loss=true|false] [--force]
 
 Problems the user can fix end as one line `error: ...` on stderr with exit code 2 (as
 mae_jax.main). Existing output files and non-empty workdirs are kept unless --force.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mae_jax import configlib
 from mae_jax.cli import fail, quiet_orbax, run_then_exit
 from mae_jax.errors import UserError
 
@@ -38,6 +39,18 @@ def _bool(text: str) -> bool:
   raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _image_size(text: str):
+  """'224' -> 224, '224,320' (or '(224, 320)', config_flags' spelling) -> (224, 320)."""
+  parts = [p.strip() for p in text.strip().strip("()").split(",")]
+  try:
+    sides = [int(p) for p in parts]
+  except ValueError:
+    sides = []
+  if len(sides) not in (1, 2) or min(sides) < 1:
+    raise argparse.ArgumentTypeError(f"expected N or H,W (positive integers), got {text!r}")
+  return sides[0] if len(sides) == 1 else tuple(sides)
+
+
 def parser() -> argparse.ArgumentParser:
   p = _Parser(prog=PROG,
               description="Convert checkpoints between Orbax workdirs and PyTorch files.")
@@ -56,8 +69,8 @@ def parser() -> argparse.ArgumentParser:
                  help="FILE.safetensors or FILE.pth, or a folder DIR for --format=hf / timm "
                       "(publish it with huggingface_hub.upload_folder(repo_id=..., "
                       "folder_path=DIR))")
-  e.add_argument("--image_size", type=int, default=None,
-                 help="write the sin-cos position embeddings for this image size")
+  e.add_argument("--image_size", type=_image_size, default=None,
+                 help="N or H,W: write the sin-cos position embeddings for this image size")
   e.add_argument("--no_head", action="store_true", help="leave a classifier's head out")
   e.add_argument("--best", action="store_true",
                  help="a fine-tuning workdir's best checkpoint (WORKDIR/best)")
@@ -69,8 +82,9 @@ def parser() -> argparse.ArgumentParser:
   i.add_argument("--arch", default="auto", choices=("auto", "mae", "convmae", "timm"),
                  help="mae: official MAE (decoder too when present); timm: ViT encoder only")
   i.add_argument("--variant", default=None, help="force a size: NAME/PATCH (ViT) or NAME (ConvMAE)")
-  i.add_argument("--image_size", type=int, default=None,
-                 help="default: from pos_embed (or our export's config)")
+  i.add_argument("--image_size", type=_image_size, default=None,
+                 help="N or H,W (default: our export's config, else a square grid from "
+                      "pos_embed)")
   i.add_argument("--decoder_heads", type=int, default=None,
                  help="decoder heads (not in the weights; default 16, the official MAE's)")
   i.add_argument("--norm_pix_loss", type=_bool, default=None,
@@ -101,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
       for note in out["notes"]:
         print(f"note: {note}")
       what = "encoder + decoder" if out["decoder"] else "encoder only"
-      print(f"wrote {out['workdir']}: {out['method']} {out['variant']} at {out['image_size']} px, "
-            f"{what}, {out['num_params'] / 1e6:.2f}M params (step 0)")
+      size = configlib.image_size_text(out["image_size"])
+      print(f"wrote {out['workdir']}: {out['method']} {out['variant']} at {size} px, {what}, "
+            f"{out['num_params'] / 1e6:.2f}M params (step 0)")
       print(f"use with: --config.init_from={out['workdir']}")
   except UserError as e:
     fail(str(e))

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from mae_jax import configlib
 from mae_jax.convert import files
 from mae_jax.errors import UserError
 
@@ -166,14 +167,22 @@ def from_hf(hf: dict) -> dict:
   return sd
 
 
-def hf_config(config, sd: dict, size: int, classifier: bool) -> dict:
-  """config.json of a Hugging Face folder for our `config` (a pretraining or fine-tuning one)."""
+def _json_size(size):
+  """An image size as timm's and transformers' configs hold it: an int S, or [H, W] (both
+  libraries take a pair for img_size / image_size)."""
+  h, w = configlib.image_hw(size)
+  return h if h == w else [h, w]
+
+
+def hf_config(config, sd: dict, size, classifier: bool) -> dict:
+  """config.json of a Hugging Face folder for our `config` (a pretraining or fine-tuning one);
+  `size` an int S or (H, W)."""
   from mae_jax.models.vit import parse_variant
   v = parse_variant(config.model.variant)
   common = {"hidden_size": v.width, "num_hidden_layers": v.depth, "num_attention_heads": v.num_heads,
             "intermediate_size": int(sd["blocks.0.mlp.fc1.weight"].shape[0]),
             "hidden_act": "gelu", "layer_norm_eps": LAYER_NORM_EPS, "qkv_bias": True,
-            "image_size": size, "patch_size": v.patch_size, "num_channels": 3,
+            "image_size": _json_size(size), "patch_size": v.patch_size, "num_channels": 3,
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
   if classifier:
     n = int(sd["head.weight"].shape[0])
@@ -189,22 +198,24 @@ def hf_config(config, sd: dict, size: int, classifier: bool) -> dict:
           "mask_ratio": float(config.mask_ratio), "norm_pix_loss": bool(config.norm_pix_loss)}
 
 
-def timm_config(config, sd: dict, size: int, variant: str, mean, std) -> dict:
-  """config.json of a timm folder (`local-dir:`): architecture, model_args, pretrained_cfg."""
+def timm_config(config, sd: dict, size, variant: str, mean, std) -> dict:
+  """config.json of a timm folder (`local-dir:`): architecture, model_args, pretrained_cfg;
+  `size` an int S or (H, W)."""
   from mae_jax.convert import layout
   from mae_jax.models.vit import parse_variant
   v = parse_variant(variant)
   num_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
   name = layout.vit_timm_name(variant) or "vit_base_patch16_224"
-  args = {"img_size": size, "patch_size": v.patch_size, "embed_dim": v.width, "depth": v.depth,
-          "num_heads": v.num_heads,
+  h, w = configlib.image_hw(size)
+  args = {"img_size": _json_size(size), "patch_size": v.patch_size, "embed_dim": v.width,
+          "depth": v.depth, "num_heads": v.num_heads,
           "mlp_ratio": int(sd["blocks.0.mlp.fc1.weight"].shape[0]) / v.width}
   if "fc_norm.weight" in sd:
     args["global_pool"] = "avg"
     args["fc_norm"] = True
   return {"architecture": name, "num_classes": num_classes, "num_features": v.width,
           "model_args": args,
-          "pretrained_cfg": {"input_size": [3, size, size], "interpolation": "bicubic",
+          "pretrained_cfg": {"input_size": [3, h, w], "interpolation": "bicubic",
                              "crop_pct": EVAL_CROP_PCT, "crop_mode": "center",
                              "mean": list(map(float, mean)), "std": list(map(float, std)),
                              "num_classes": num_classes, "first_conv": "patch_embed.proj",
@@ -233,6 +244,19 @@ def write_folder(out: str, sd: dict, config_json: dict, force: bool) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _read_size(size, where: str):
+  """A config.json image size (S, or a pair [H, W]; a pair of equal sides is S) -> our
+  image_size value; UserError for anything else."""
+  if isinstance(size, (list, tuple)) and len(size) == 1:
+    size = size[0]
+  try:
+    h, w = configlib.image_hw(size)
+  except UserError:
+    raise UserError(f"{where}: image size {size!r} is neither an integer nor [height, width]"
+                    ) from None
+  return h if h == w else (h, w)
+
+
 def read_folder(path: str) -> tuple[dict, dict, dict]:
   """(state_dict in official / timm names, metadata as a flat file has it, hints for the
   import: image_size, decoder_heads, norm_pix_loss, variant) of a model folder."""
@@ -255,8 +279,8 @@ def read_folder(path: str) -> tuple[dict, dict, dict]:
   model_type = cfg.get("model_type")
   if "architecture" in cfg and "pretrained_cfg" in cfg:  # timm
     size = cfg.get("model_args", {}).get("img_size") or cfg["pretrained_cfg"].get(
-        "input_size", [3, 224, 224])[-1]
-    hints["image_size"] = int(size)
+        "input_size", [3, 224, 224])[1:]
+    hints["image_size"] = _read_size(size, cfg_path)
     return sd, metadata, hints
   if model_type not in ("vit_mae", "vit"):
     raise UserError(f"{cfg_path}: model_type {model_type!r} is not a ViT MAE or ViT model "
@@ -271,7 +295,7 @@ def read_folder(path: str) -> tuple[dict, dict, dict]:
   if not cfg.get("qkv_bias", True):
     raise UserError(f"{cfg_path}: qkv_bias false; our models have attention biases")
   sd = from_hf(sd)
-  hints["image_size"] = int(np.atleast_1d(cfg.get("image_size", 224))[0])
+  hints["image_size"] = _read_size(cfg.get("image_size", 224), cfg_path)
   if model_type == "vit_mae":
     hints["decoder_heads"] = int(cfg.get("decoder_num_attention_heads", 16))
     hints["norm_pix_loss"] = bool(cfg.get("norm_pix_loss", False))

@@ -293,8 +293,10 @@ def infer_convvit_size(state_dict: Mapping[str, np.ndarray], variant: Optional[s
 
 
 def square_grid(num_patches: int, what: str) -> int:
+  """The side of a square grid of `num_patches` positions (a count alone cannot tell the sides of
+  a non-square grid: UserError asking for --image_size)."""
   g = int(round(num_patches**0.5))
   if g * g != num_patches:
     raise UserError(f"{what} has {num_patches} patch positions, not a square grid; pass "
-                    "--image_size")
+                    "--image_size=H,W")
   return g

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from mae_jax import config_files
+from mae_jax import config_files, configlib
 from mae_jax import workdir as workdirs
 from mae_jax.atomic import write_atomic
 from mae_jax.convert import files, folders, layout
@@ -35,8 +35,8 @@ HEAD_NAMES = ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")
 # ----------------------------------------------------------------------------- export
 
 
-def _fresh_shapes(method, image_size: int):
-  images = jnp.zeros((1, image_size, image_size, 3))
+def _fresh_shapes(method, image_size):
+  images = jnp.zeros((1, *configlib.image_hw(image_size), 3))
   return jax.eval_shape(method.init_params, jax.random.PRNGKey(0), images)
 
 
@@ -47,7 +47,7 @@ def _patch_size(encoder) -> int:
   return PATCH_SIZE
 
 
-def load_hint(fmt: str, tree, out: str, variant: Optional[str], image_size: int) -> str:
+def load_hint(fmt: str, tree, out: str, variant: Optional[str], image_size) -> str:
   """One line saying what loads the exported file (timm's call, or the official model)."""
   load = ("safetensors.torch.load_file(FILE)" if out.endswith(".safetensors")
           else "torch.load(FILE, weights_only=True)")
@@ -60,8 +60,9 @@ def load_hint(fmt: str, tree, out: str, variant: Optional[str], image_size: int)
   kwargs = [f"num_classes={head.shape[-1] if head is not None else 0}"]
   if "fc_norm" in tree:
     kwargs.append("global_pool='avg'")
-  if image_size != 224:
-    kwargs.append(f"img_size={image_size}")
+  h, w = configlib.image_hw(image_size)
+  if (h, w) != (224, 224):
+    kwargs.append(f"img_size={h if h == w else (h, w)}")  # timm takes an int or (H, W).
   name = layout.vit_timm_name(variant) if variant else None
   if name is None:  # no timm name for this size: any ViT name, its size set by keywords.
     from mae_jax.models.vit import parse_variant
@@ -73,7 +74,7 @@ def load_hint(fmt: str, tree, out: str, variant: Optional[str], image_size: int)
 
 
 def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int] = None,
-                   image_size: Optional[int] = None, head: bool = True, best: bool = False,
+                   image_size=None, head: bool = True, best: bool = False,
                    force: bool = False) -> dict:
   """Writes the checkpoint of `workdir` (latest, or `step`) to `out` in `fmt`'s layout.
 
@@ -81,8 +82,9 @@ def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int
   ({'model': sd} in a .pth), 'convmae' the whole official ConvMAE model; 'auto' picks by method.
   A fine-tuning workdir (its classifier via `finetune.load_classifier`, `best` for WORKDIR/best):
   timm's layout for a ViT, the official ConvViT's for ConvMAE, with the head unless not `head`.
-  `image_size` writes the fixed sin-cos buffers for another resolution (a learned pos_embed is
-  exported as trained). Returns a summary dict (layout, source, counts, a load hint).
+  `image_size` (an int S or (H, W)) writes the fixed sin-cos buffers for another resolution (a
+  learned pos_embed is exported as trained). Returns a summary dict (layout, source, counts, a
+  load hint).
   """
   if fmt not in FORMATS:
     raise UserError(f"--format must be one of {FORMATS}, got {fmt!r}")
@@ -104,13 +106,15 @@ def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int
   else:
     raise UserError(f"{workdir} is a {task!r} workdir; export takes pretraining and fine-tuning "
                     "workdirs")
+  size = configlib.image_size_value(size)
   patch = _patch_size(tree.get("encoder", tree))
-  if size % patch:
-    raise UserError(f"--image_size={size} is not a multiple of the patch size {patch}")
-  sd = layout.export_state_dict(tree, (size // patch, size // patch))
+  grid = configlib.image_grid(size, patch)
+  if grid is None:
+    raise UserError(f"--image_size={configlib.image_size_text(size)} is not a multiple of the "
+                    f"patch size {patch}")
+  sd = layout.export_state_dict(tree, grid)
   source = f"{workdir} step {step}"
-  with config.unlocked():
-    config.image_size = size
+  configlib.set_image_size(config, size)
   saved = json.loads(config.to_json_best_effort())
   meta = {"config": saved, "layout": fmt, "source": source}
   if folder:
@@ -120,6 +124,12 @@ def export_workdir(workdir: str, out: str, fmt: str = "auto", step: Optional[int
         raise UserError("this classifier pools the mean of the patch tokens through fc_norm, "
                         "which ViTForImageClassification cannot express (it reads the [CLS] "
                         "token); export it with --format=timm (a folder for timm) instead")
+      if not classifier and grid[0] != grid[1]:
+        raise UserError(f"--format=hf: transformers' ViTMAE builds its sin-cos position tables "
+                        f"for a square patch grid only (int(sqrt(num_patches)) per side), so "
+                        f"ViTMAEForPreTraining cannot be built for "
+                        f"{configlib.image_size_text(size)} px images; export --format=timm (a "
+                        f"folder) or --format=mae instead")
       written = folders.to_hf(sd)
       cfg = folders.hf_config(config, sd, size, classifier)
       hint = (f"transformers.{'ViTForImageClassification' if classifier else 'ViTMAEForPreTraining'}"
@@ -189,9 +199,11 @@ def _classifier_tree(workdir, config, fmt, step, image_size, head, best):
   if fmt == "hf":
     want = "hf"
   size = info.get("image_size") or config.image_size
-  if image_size and image_size != size and "pos_embed" in tree:
-    raise UserError(f"--image_size={image_size}: this classifier's pos_embed is learned at "
-                    f"{size} px and is exported as trained; fine-tuning code resizes it")
+  if (image_size and configlib.image_hw(image_size) != configlib.image_hw(size)
+      and "pos_embed" in tree):
+    raise UserError(f"--image_size={configlib.image_size_text(image_size)}: this classifier's "
+                    f"pos_embed is learned at {configlib.image_size_text(size)} px and is "
+                    "exported as trained; fine-tuning code resizes it")
   return want, tree, info.get("variant"), size, info.get("step")
 
 
@@ -271,15 +283,17 @@ def _target(sd, metadata, arch, variant, image_size, decoder_heads, norm_pix_los
     if saved and saved.get("image_size"):
       image_size = saved["image_size"]
     elif "pos_embed" in sd and len(sd["pos_embed"].shape) == 3:
+      # A count of positions names a square grid only: (H, W) comes from metadata or the flag.
       n = sd["pos_embed"].shape[1] - (1 if has_cls else 0)
       image_size = layout.square_grid(n, "pos_embed") * patch
     else:
       image_size = 224
       notes.append("no pos_embed to read the image size from: assumed 224 (--image_size)")
+  image_size = configlib.image_size_value(image_size)
   has_decoder = arch != "timm" and any(k.startswith("decoder_") or k == "mask_token" for k in sd)
+  configlib.set_image_size(config, image_size)
   with config.unlocked():
     config.model.variant = name
-    config.image_size = int(image_size)
     if convmae:
       config.model.dwconv_impl = saved_model.get("dwconv_impl", "conv")
     if has_decoder:
@@ -296,7 +310,7 @@ def _target(sd, metadata, arch, variant, image_size, decoder_heads, norm_pix_los
   abstract = _fresh_shapes(method, config.image_size)
   if not has_decoder:
     abstract = {"encoder": abstract["encoder"]}
-  grid = (config.image_size // patch, config.image_size // patch)
+  grid = configlib.image_grid(config.image_size, patch)  # get_method checked the divisibility.
   details["pos_embed"] = "sincos"
   pos = sd.get("pos_embed")
   width = layout.encoder_width(abstract["encoder"])
@@ -319,10 +333,11 @@ def _target(sd, metadata, arch, variant, image_size, decoder_heads, norm_pix_los
 
 
 def import_checkpoint(src: str, workdir: str, arch: str = "auto", variant: Optional[str] = None,
-                      image_size: Optional[int] = None, decoder_heads: Optional[int] = None,
+                      image_size=None, decoder_heads: Optional[int] = None,
                       norm_pix_loss: Optional[bool] = None, force: bool = False) -> dict:
   """A PyTorch checkpoint (official MAE / ConvMAE release, timm ViT, or our export) -> a
-  pseudo-pretraining workdir for `config.init_from`. Returns a summary dict."""
+  pseudo-pretraining workdir for `config.init_from`. `image_size` (an int S or (H, W)) overrides
+  the size read from the file. Returns a summary dict."""
   from mae_jax.checkpoint import Checkpointer
   if arch not in ARCHS:
     raise UserError(f"--arch must be one of {ARCHS}, got {arch!r}")
