@@ -31,5 +31,5 @@ def analyze() -> None:
 
 
 def bench() -> None:
-  from mae_jax import bench as bench_module
-  app.run(bench_module.main, flags_parser=parse_flags)
+  from mae_jax.bench.__main__ import main
+  app.run(main, flags_parser=parse_flags)

@@ -149,6 +149,18 @@ def to_global(local_batch: dict, sharding: NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def on_devices(batches: Iterator[dict], sharding: NamedSharding) -> Iterator[dict]:
+  """`batches` copied to the devices as they come (run inside `Prefetch`, so the host-to-device
+  copy of the next batches overlaps the current step); closing it closes `batches`."""
+  try:
+    for batch in batches:
+      yield to_global(batch, sharding)
+  finally:
+    close = getattr(batches, "close", None)
+    if close is not None:
+      close()
+
+
 class StopSignal:
   """Turns SIGTERM (spot TPU eviction, SLURM's time limit, `kill`) into a clean stop: the loop
   finishes its step, saves a checkpoint and returns; the same command resumes.
@@ -369,12 +381,13 @@ def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: S
         workdir, enabled=is_writer and start_step < plan.total_steps, config=config))
     print(summary_line(trainable, state, mesh, plan), flush=True)
 
-    # --- Input: the data stream continues where the checkpoint left it.
-    batches = Prefetch(data.train_batches(
+    # --- Input: the data stream continues where the checkpoint left it; `prefetch` batches are
+    # decoded and copied to the devices ahead of the step that takes them.
+    batches = Prefetch(on_devices(data.train_batches(
         setup.source, config.dataset, split=config.dataset.train_split,
         image_size=config.image_size, global_batch_size=config.batch_size, seed=config.seed,
         start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count()), config.dataset.prefetch)
+        process_count=jax.process_count()), batch_sharding), config.dataset.prefetch)
     cleanup.callback(batches.close)
 
     # --- Loop.
@@ -382,7 +395,10 @@ def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: S
     compiled = None
     stop_signal = cleanup.enter_context(StopSignal())
     for step in range(start_step, plan.total_steps):
-      batch = to_global(next(batches), batch_sharding)
+      t0 = time.perf_counter()
+      batch = next(batches)
+      if compiled is not None:  # the first batch is fetched before compiling: not a wait.
+        log.waited(time.perf_counter() - t0)
       if compiled is None:
         t0 = time.perf_counter()
         compiled = update.step.lower(state, batch).compile()
@@ -399,7 +415,7 @@ def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: S
       due_save = done % config.checkpoint_every_steps == 0 or done == plan.total_steps or stop
       due = [e for e in evaluators if e.due(done)]
       # Non-finite steps were not applied; with 'stop' the run ends before anything reports
-      # or saves past one (waiting for the step's flag only when something is due).
+      # or saves past one (waiting for this step's flag only when something is due).
       bad = log.first_nonfinite(wait=due_log or due_save or bool(due))
       if bad is not None and config.nan_policy == "stop":
         raise NonFiniteStep(bad, ckpt)
@@ -523,15 +539,25 @@ def summary_line(trainable: Trainable, state: TrainState, mesh: Mesh, plan: Plan
 
 
 class StepLog:
-  """Device metrics since the last log, fetched together (one host sync per log, not per
-  step), averaged over the applied steps, with throughput, epoch and the progress line; and
-  each step's non-finite flag, read as soon as it is computed (`first_nonfinite`)."""
+  """Device metrics since the last log, fetched together (one host transfer per log, not per
+  step), averaged over the applied steps, with throughput, input wait, epoch and the progress
+  line; and each step's non-finite flag (`first_nonfinite`).
+
+  The loop runs at most one step ahead of the devices: before it fetches the next batch it waits
+  for every step but the newest. So a wait for input is time the devices have (almost) nothing
+  queued, and `input_wait_s` (seconds per step) says how input-bound the run is. A run whose
+  steps spend more than INPUT_BOUND of their time waiting is told so once, in one line."""
+
+  INPUT_BOUND = 0.2
 
   def __init__(self, config, plan: Plan):
     self.batch_size, self.plan = config.batch_size, plan
     self.report_skipped = config.get("nan_policy", "stop") == "skip"
     self.pending: list = []  # (step, metrics on device)
     self.unchecked = 0  # index of the first pending step whose flag was not read.
+    self.wait_s = 0.0  # input wait since the last log.
+    self.logs = 0
+    self.warned = False
     self.restart_clock()
 
   def restart_clock(self) -> None:
@@ -540,17 +566,18 @@ class StepLog:
   def add(self, step: int, metrics) -> None:
     self.pending.append((step, metrics))
 
+  def waited(self, seconds: float) -> None:
+    self.wait_s += seconds
+
   def first_nonfinite(self, wait: bool = False) -> Optional[int]:
     """The first step since the last call whose update was not finite (not applied), or None.
 
-    Reads the flags of steps already computed; with `wait` it waits for all of them."""
-    while self.unchecked < len(self.pending):
+    Waits for every pending step but the newest; with `wait` for the newest too."""
+    last = len(self.pending) if wait else len(self.pending) - 1
+    while self.unchecked < last:
       step, metrics = self.pending[self.unchecked]
-      flag = metrics["nonfinite"]
-      if not wait and not flag.is_ready():
-        return None
       self.unchecked += 1
-      if float(flag):
+      if float(metrics["nonfinite"]):
         return step
     return None
 
@@ -564,10 +591,20 @@ class StepLog:
       scalars["skipped_steps"] = float(sum(m["nonfinite"] for m in fetched))
     elapsed = time.perf_counter() - self.t0
     scalars["img_per_s"] = len(fetched) * self.batch_size / max(elapsed, 1e-9)
+    scalars["input_wait_s"] = self.wait_s / len(fetched)
     scalars["epoch"] = step / self.plan.steps_per_epoch
     eta = (self.plan.total_steps - step) * elapsed / len(fetched)
     print(progress_line(step, self.plan.total_steps, scalars, eta), flush=True)
-    self.pending, self.unchecked = [], 0
+    # The first interval starts with the input pipeline's own warm-up: not judged.
+    share = self.wait_s / max(elapsed, 1e-9)
+    if self.logs and not self.warned and share > self.INPUT_BOUND:
+      self.warned = True
+      print(f"warning: input-bound: steps {step - len(fetched) + 1}-{step} waited for their "
+            f"batch {share:.0%} of the time ({scalars['input_wait_s']:.3f} s per step); the "
+            "accelerators idle while the host decodes images (more host cores or a faster "
+            "data_dir help; input_wait_s in metrics.jsonl)", flush=True)
+    self.pending, self.unchecked, self.wait_s = [], 0, 0.0
+    self.logs += 1
     self.restart_clock()
     return scalars
 

@@ -3,7 +3,7 @@
 import math
 
 from configs import mae as mae_config
-from mae_jax import bench
+from mae_jax.bench import step as bench
 
 
 def test_run_bench_reports_consistent_figures():

@@ -45,7 +45,7 @@ def _write(path: Path, text: str) -> Path:
 
 def test_every_launch_script_is_listed():
   names = {p.name for p in _scripts()}
-  assert {"local.sh", "tpu_vm.sh", "tpu_worker.sh", "slurm.sbatch"} <= names
+  assert {"local.sh", "tpu_vm.sh", "tpu_worker.sh", "slurm.sbatch", "gpu_check.sh"} <= names
 
 
 @pytest.mark.parametrize("script", _scripts(), ids=lambda p: p.name)
@@ -541,3 +541,30 @@ def test_tpu_worker_runs_and_stops_the_real_training(tmp_path, digits_data_dir):
   assert stopped and "(SIGTERM)" in stopped[0], log.read_text()[-3000:]
   step = int(stopped[0].split()[3].rstrip(";"))
   assert sorted(os.listdir(workdir / "checkpoints")) == [str(step)]
+
+
+def test_gpu_check_dry_run_prints_the_report(tmp_path):
+  """launch/gpu_check.sh --dry: the accelerator check's whole sequence on the demo model, on the
+  CPU; the markdown block is printed and saved, with the figures every row must carry."""
+  env = dict(os.environ, OUT_DIR=str(tmp_path / "out"), PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as the report measures one accelerator.
+  r = subprocess.run(["bash", str(LAUNCH / "gpu_check.sh"), "--dry"], env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout + r.stderr
+  report = (tmp_path / "out" / "gpu_check.md").read_text()
+  assert report.strip() in r.stdout
+  assert "dry run: tiny model" in report and "bfloat16 matmul peak" in report
+  speed = [line for line in report.splitlines()
+           if line.startswith("| Mu/4 | bfloat16 | 8 |") and line.count("|") == 9]
+  assert len(speed) == 2, report  # one row per model of the plan.
+  for line in speed:
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(cells[3]) > 0 and cells[5].endswith("%") and float(cells[5][:-1]) > 0, line
+  for compute in ("bfloat16 scan", "bfloat16 remat"):
+    assert f"| Mu/4 | {compute} | 8 |" in report, report
+
+
+def test_gpu_check_refuses_an_unknown_argument():
+  r = subprocess.run(["bash", str(LAUNCH / "gpu_check.sh"), "--fast"], capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 2 and r.stderr.strip() == "usage: bash launch/gpu_check.sh [--dry]"

@@ -114,6 +114,8 @@ def test_cli_pretrains_on_the_embedded_default(tmp_path, digits_data_dir):
   records = train.read_metrics(wd)
   assert [rec["step"] for rec in records if "loss" in rec] == [2, 4]
   assert all(np.isfinite(rec["loss"]) for rec in records if "loss" in rec)
+  # Every logged record says how long its steps waited for input (seconds per step).
+  assert all(rec["input_wait_s"] >= 0 for rec in records if "loss" in rec)
   with open(os.path.join(wd, "config.json")) as f:
     saved = json.load(f)
   assert saved["mask_ratio"] == 0.5 and saved["image_size"] == 16
@@ -183,3 +185,35 @@ def test_prefetch_close_stops_the_thread_and_closes_the_iterator():
   assert [next(p) for _ in range(3)] == [0, 1, 2]
   p.close()
   assert not p._thread.is_alive() and closed == [True]
+
+
+def test_a_slow_input_is_logged_and_warned_about_once(tmp_path, digits_data_dir, monkeypatch,
+                                                     capsys):
+  """Input that takes 0.3 s a batch, for a step of a few milliseconds: input_wait_s shows about
+  0.3 s per step from the second interval on, and one line says the run is input-bound."""
+  import time
+  real = train.data.train_batches
+
+  def slow(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i >= 3:  # the first batches come before and during compilation
+        time.sleep(0.3)
+      yield batch
+
+  monkeypatch.setattr(train.data, "train_batches", slow)
+  config = small_config(digits_data_dir, total_steps=8, log_every_steps=2,
+                        checkpoint_every_steps=8)
+  config.dataset.prefetch = 1
+  out = tasks.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  waits = [h["input_wait_s"] for h in out["history"] if "loss" in h]
+  assert len(waits) == 4 and all(w >= 0 for w in waits)
+  assert all(0.2 < w < 0.6 for w in waits[2:]), waits
+  printed = capsys.readouterr().out
+  assert printed.count("warning: input-bound") == 1, printed
+
+
+def test_a_fast_input_is_not_called_input_bound(tmp_path, digits_data_dir, capsys):
+  config = small_config(digits_data_dir, total_steps=8, log_every_steps=2,
+                        checkpoint_every_steps=8)
+  tasks.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  assert "input-bound" not in capsys.readouterr().out

@@ -1,54 +1,17 @@
 r"""Train-step benchmark on synthetic images: speed, compile time, FLOP/s against a measured peak.
 
-  python -m mae_jax.bench --config=configs/mae.py:vit_s16 [--batch_size=N] [--steps=N]
-  python -m mae_jax.bench --config=configs/mae.py:vit_b16 --batch_sizes=8,16,32,64   # a sweep
-  python -m mae_jax.bench --config=configs/mae.py:vit_l16 --compile_only --config.compute.scan=True
-  python -m mae_jax.bench --config=mae:vit_b16 --input=photos --batch_size=128   # input alone
-
-`--input` times the training input instead of the step (mae_jax.input_bench: generated photos,
-a folder or a tfds dataset, against the official torchvision input in the same run).
-
-Memory and speed options are config keys (`--config.compute.dtype=bfloat16`, `.remat`, `.scan`,
-`.fsdp`); every row names the ones it ran with.
-
 The step is exactly the training step of `mae_jax.train` (masking, model, loss, gradients, AdamW
 update) jitted over all local devices. FLOPs per step come from XLA's cost analysis of the
 compiled step; the peak is a large matmul of the same dtype timed in the same process, so the
 ratio says how well the step uses what this machine can actually do. Compile time is timed
 after the initial state is ready and split into tracing (Python to StableHLO) and XLA's
-compilation. Prints a table and, last, one JSON line with the figures.
+compilation. Memory and speed options are config keys (`compute.dtype`, `.remat`, `.scan`,
+`.fsdp`, `.attention`); every row names the ones it ran with.
 """
 
 from __future__ import annotations
 
-import json
 import time
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from mae_jax.cli import config_value, fail, parse_flags
-from mae_jax.errors import UserError
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_s16",
-                                          lock_config=True)
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = the config's.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_MATMUL = flags.DEFINE_integer("matmul_size", 4096, "n of the n x n x n peak matmul.")
-_SWEEP = flags.DEFINE_list("batch_sizes", [], "Global batches to sweep (one row each); a batch "
-                           "that does not fit in memory is reported as such and the sweep goes on.")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the step and report compile "
-                                  "time, FLOPs and XLA's memory plan; run nothing.")
-_INPUT = flags.DEFINE_string("input", "", "Time the training input alone: photos | photos_tfds | "
-                             "folder:DIR | tfds:NAME (see mae_jax.input_bench).")
-_PHOTOS = flags.DEFINE_integer("photos", 2000, "How many photos --input=photos generates.")
-_PHOTOS_DIR = flags.DEFINE_string("photos_dir", "/tmp/mae_jax_photos",
-                                  "Where --input=photos writes them (reused when present).")
-_PEER = flags.DEFINE_bool("peer", True, "With --input: also time the official torchvision input "
-                          "on the same files.")
-_WORKERS = flags.DEFINE_integer("workers", 0, "With --input: DataLoader workers and the per-core "
-                                "divisor; 0 = the host's cores.")
 
 
 def measure_matmul_peak(n: int, dtype, repeats: int = 5) -> float:
@@ -205,6 +168,8 @@ def run_bench(config, steps: int, warmup: int, matmul_size: int,
 
 
 def format_table(r: dict) -> str:
+  if "error" in r:
+    return f"{r['method']} {r['config']} {r['compute']} batch {r['batch_size']}: {r['error']}"
   rows = [
       ("method / model", f"{r['method']} {r['config']}"),
       ("device", r["device"]),
@@ -223,6 +188,13 @@ def format_table(r: dict) -> str:
         ("matmul peak", f"{r['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({r['dtype']})"),
         ("achieved / peak", f"{r['peak_ratio']:.2f}"),
         ("peak memory", f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']})"),
+    ]
+  if "peer_img_per_s" in r:
+    rows += [
+        ("PyTorch peer", f"{r['peer']} on {r['peer_device']}"),
+        ("peer images/s", f"{r['peer_img_per_s']:.2f} (its matmul peak "
+                          f"{r['peer_matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)"),
+        ("ours / peer", f"{r['ratio_to_peer']:.3f}"),
     ]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -246,52 +218,25 @@ def markdown_row(r: dict) -> str:
           f"{r['peak_memory_bytes'] / 2**30:.2f} GiB ({r['peak_memory_kind']}) |")
 
 
-def _out_of_memory(e: Exception) -> bool:
+def out_of_memory(e: Exception) -> bool:
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = config_value(_CONFIG, "configs/mae.py:vit_s16")
-  if _INPUT.value:
-    from mae_jax import input_bench
-    try:
-      r = input_bench.run_input_bench(config, _INPUT.value, _BATCH.value or 128, _STEPS.value,
-                                      _WARMUP.value, _PHOTOS.value, _PHOTOS_DIR.value,
-                                      _PEER.value, _WORKERS.value or None)
-    except UserError as e:
-      fail(str(e))
-    print(input_bench.format_input_table(r), flush=True)
-    print(json.dumps(r), flush=True)
-    return
-  try:
-    batches = [int(b) for b in _SWEEP.value] or [_BATCH.value or config.batch_size]
-  except ValueError:
-    fail(f"--batch_sizes must be integers, got {','.join(_SWEEP.value)}")
+def sweep(config, batches: list[int], steps: int, warmup: int, matmul_size: int,
+          compile_only: bool = False) -> list[dict]:
+  """`run_bench` at each global batch; past the first, a batch that does not fit in memory is
+  a row saying so and the sweep goes on."""
   results = []
   for batch in batches:
     with config.unlocked():
       config.batch_size = batch
     try:
-      result = run_bench(config, _STEPS.value, _WARMUP.value, _MATMUL.value,
-                         compile_only=_COMPILE_ONLY.value)
-    except UserError as e:
-      fail(str(e))
+      results.append(run_bench(config, steps, warmup, matmul_size, compile_only=compile_only))
     except Exception as e:  # pylint: disable=broad-except
-      if len(batches) == 1 or not _out_of_memory(e):
+      if len(batches) == 1 or not out_of_memory(e):
         raise
-      result = {"method": config.method, "config": config.model.variant,
-                "compute": compute_label(config), "batch_size": batch,
-                "error": "out of memory"}
-    results.append(result)
-    if "error" not in result:
-      print(format_table(result), flush=True)
-    print(json.dumps(result), flush=True)
-  print("\n".join(markdown_row(r) for r in results))
-
-
-if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+      results.append({"method": config.method, "config": config.model.variant,
+                      "compute": compute_label(config), "batch_size": batch,
+                      "error": "out of memory"})
+  return results

@@ -169,27 +169,26 @@ def time_torchvision(folder: str, image_size: int, batch: int, steps: int, warmu
   return {"img_per_s": steps * batch / seconds, "seconds": seconds}
 
 
-def run_input_bench(config, spec: str, batch: int, steps: int, warmup: int, photos: int,
-                    photos_dir: str, peer: bool, workers: Optional[int] = None) -> dict:
-  """The input benchmark of `spec` ('photos', 'photos_tfds', 'folder:DIR', 'tfds:NAME')."""
-  d = config.dataset
+def resolve_input(spec: str, photos: int, photos_dir: str, flag: str = "--input"
+                  ) -> tuple[str, str, Optional[str]]:
+  """(kind, argument, class folder or None) of 'photos', 'photos_tfds', 'folder:DIR' or
+  'tfds:NAME'; the photos are generated here when needed."""
   kind, _, arg = spec.partition(":")
-  folder = None  # the class folders the peer reads
-  if kind in ("photos", "photos_tfds"):
-    folder = make_photos(photos_dir, photos)
-  elif kind == "folder" and arg:
-    folder = os.path.join(arg, "train") if os.path.isdir(os.path.join(arg, "train")) else arg
-  elif not (kind == "tfds" and arg):
-    raise UserError(f"--input={spec}: expected photos, photos_tfds, folder:DIR or tfds:NAME")
-  cores = workers or host_cores()
-  image_size = int(config.image_size)
-  result = {"input": spec, "image_size": image_size, "batch_size": batch,
-            "steps": steps, "host_cores": cores}
-  tv = None
-  if peer and folder is not None:
-    # First, while neither TensorFlow nor JAX runs threads: the DataLoader forks its workers
-    # (as the official code does), and they are shut down before ours starts.
-    tv = time_torchvision(folder, image_size, batch, steps, warmup, cores, d.mean, d.std)
+  if kind in ("photos", "photos_tfds") and not arg:
+    return kind, arg, make_photos(photos_dir, photos)
+  if kind == "folder" and arg:
+    if not os.path.isdir(arg):
+      raise UserError(f"{flag}={spec}: {arg} is not a folder")
+    train = os.path.join(arg, "train")
+    return kind, arg, train if os.path.isdir(train) else arg
+  if kind == "tfds" and arg:
+    return kind, arg, None
+  raise UserError(f"{flag}={spec}: expected photos, photos_tfds, folder:DIR or tfds:NAME")
+
+
+def point_dataset(d, kind: str, arg: str, folder: Optional[str], photos_dir: str) -> None:
+  """Points the config.dataset block `d` at what `resolve_input` found (preparing the photos as
+  a tfds dataset for 'photos_tfds')."""
   with d.unlocked():
     if kind == "photos_tfds":
       d.data_dir = os.path.join(photos_dir, "tfds")
@@ -199,6 +198,27 @@ def run_input_bench(config, spec: str, batch: int, steps: int, warmup: int, phot
       d.name = arg
     else:
       d.name, d.folder = "folder", folder
+
+
+def run_input_bench(config, spec: str, batch: int, steps: int, warmup: int, photos: int,
+                    photos_dir: str, peer: bool, workers: Optional[int] = None) -> dict:
+  """The input benchmark of `spec` ('photos', 'photos_tfds', 'folder:DIR', 'tfds:NAME')."""
+  d = config.dataset
+  kind, arg, folder = resolve_input(spec, photos, photos_dir)
+  cores = workers or host_cores()
+  if cores < host_cores() and hasattr(os, "sched_setaffinity"):
+    # Both inputs on the same `cores` cores: the DataLoader's workers and TensorFlow's thread
+    # pool (sized from the affinity when TensorFlow starts, after this) alike.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+  image_size = int(config.image_size)
+  result = {"input": spec, "image_size": image_size, "batch_size": batch,
+            "steps": steps, "host_cores": cores}
+  tv = None
+  if peer and folder is not None:
+    # First, while neither TensorFlow nor JAX runs threads: the DataLoader forks its workers
+    # (as the official code does), and they are shut down before ours starts.
+    tv = time_torchvision(folder, image_size, batch, steps, warmup, cores, d.mean, d.std)
+  point_dataset(d, kind, arg, folder, photos_dir)
   result["dataset"] = d.name
   ours = time_ours(d, image_size, batch, steps, warmup)
   result["ours_img_per_s"] = ours["img_per_s"]
