@@ -48,7 +48,7 @@ def make_photos(folder: str, count: int, seed: int = 0) -> str:
   from sklearn.datasets import load_sample_images
 
   train = os.path.join(folder, "train")
-  recipe = {"count": count, "seed": seed, "size": PHOTO_SIZE, "quality": PHOTO_QUALITY}
+  recipe = {"count": count, "seed": seed, "size": list(PHOTO_SIZE), "quality": PHOTO_QUALITY}
   marker = os.path.join(folder, "photos.json")
   if os.path.exists(marker):
     with open(marker) as f:
@@ -82,14 +82,22 @@ def make_photos(folder: str, count: int, seed: int = 0) -> str:
 
 def photos_tfds(folder: str, data_dir: str) -> None:
   """Prepares folder's photos as the tfds dataset `mae_jax_photos` in data_dir (encoded JPEG
-  bytes in TFRecords, as imagenet2012 stores them)."""
+  bytes in TFRecords, as imagenet2012 stores them); once per data_dir."""
   import tensorflow_datasets as tfds
+  from etils import epath
+  from tensorflow_datasets.core import utils as tfds_utils
 
   train = os.path.join(folder, "train")
   classes = sorted(os.listdir(train))
 
   class MaeJaxPhotos(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
+
+    @tfds_utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+      # As mae_jax.data.digits: tfds would ask importlib_resources, which it no longer installs.
+      return epath.Path(__file__)
 
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
