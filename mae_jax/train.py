@@ -87,8 +87,11 @@ def split_micro_batches(batch: dict, k: int) -> dict:
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
-                    compute_dtype: str = "float32") -> Callable:
+                    compute_dtype: str = "float32",
+                    pixel_stats: Optional[tuple] = None) -> Callable:
   """(state, batch) -> (state, metrics).
+
+  uint8 images (the pretraining input) are normalized first, with `pixel_stats` = (mean, std).
 
   `loss_fn(params, model_state, batch, rng, step) -> (loss, (metrics, model_state))`; gradients
   are taken for `params` only. Gradients of `grad_accum_steps` micro-batches are averaged with a
@@ -104,6 +107,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       lambda params, *args: loss_fn(cast_params(params, compute_dtype), *args), has_aux=True)
 
   def step_fn(state: TrainState, batch: dict):
+    if batch["image"].dtype == jnp.uint8:
+      batch = dict(batch, image=data.normalize_on_device(batch["image"], *pixel_stats))
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
       (_, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng,
@@ -315,7 +320,8 @@ def build_update(config, mesh: Mesh, plan: Plan, trainable: Trainable) -> Update
 
   shardings = state_shardings(jax.eval_shape(init_state, jax.random.PRNGKey(0)), mesh, fsdp)
   step_fn = jax.jit(make_train_step(trainable.train_loss, tx, schedule, config.grad_accum_steps,
-                                    compute.dtype if compute else "float32"),
+                                    compute.dtype if compute else "float32",
+                                    (tuple(config.dataset.mean), tuple(config.dataset.std))),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, replicated), donate_argnums=0)
   return Update(tx, init_state, step_fn, shardings, scan, fsdp)

@@ -36,15 +36,29 @@ def test_train_batches_shapes_and_normalization(digits):
   d, source = digits
   batch = next(data.train_batches(source, d, split="train", image_size=32, global_batch_size=16,
                                   seed=0))
-  assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+  # Pretraining batches are uint8 pixels; the train step normalizes them.
+  assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
-  # Grayscale digits become RGB with three equal channels (before per-channel normalization).
-  std = np.asarray(d.std, np.float32)
-  mean = np.asarray(d.mean, np.float32)
-  pixels = batch["image"] * std + mean
-  np.testing.assert_allclose(pixels[..., 0], pixels[..., 1], atol=1e-5)
-  assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+  # Grayscale digits become RGB with three equal channels.
+  np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 1])
+  assert batch["image"].max() > 128  # white strokes on black, not rescaled
   assert set(batch["label"].tolist()) <= set(range(10))
+
+
+def test_normalize_on_device_is_the_hosts_normalization():
+  """Every pixel value, on the device (the train step) and on the host (the evaluation input):
+  the same to float32 rounding of the terms (XLA:CPU divides through a reciprocal; near zero the
+  subtraction of the mean leaves that rounding as the whole difference)."""
+  import jax
+  import tensorflow as tf
+  from mae_jax.data import pipeline
+  pixels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # [256, 1, 3]
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  host = pipeline._normalize(tf.constant(pixels), mean, std).numpy()  # pylint: disable=protected-access
+  device = np.asarray(jax.jit(lambda x: data.normalize_on_device(x, mean, std))(pixels))
+  np.testing.assert_allclose(device, host, rtol=1e-6, atol=1e-6)
+  assert device.dtype == np.float32
+  assert np.asarray(device).dtype == np.float32
 
 
 def _take(it, n):

@@ -1,4 +1,4 @@
-r"""Train-step benchmark on synthetic images: speed, compile time, FLOP/s against a measured peak.
+r"""Train-step benchmark on synthetic images (uint8 pixels, as the input feeds it): speed, compile time, FLOP/s against a measured peak.
 
 The step is exactly the training step of `mae_jax.train` (masking, model, loss, gradients, AdamW
 update) jitted over all local devices. FLOPs per step come from XLA's cost analysis of the
@@ -103,9 +103,10 @@ def run_bench(config, steps: int, warmup: int, matmul_size: int,
                     peak_lr=1e-4)
   update = train.build_update(config, mesh, plan, get_method(config, plan.total_steps))
   state = jax.jit(update.init_state, out_shardings=update.shardings)(jax.random.PRNGKey(0))
-  shape = (config.batch_size, config.image_size, config.image_size, 3)
-  images = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float32),
-                          NamedSharding(mesh, P("data")))
+  # uint8 pixels, as the pretraining input feeds the step (which normalizes them).
+  shape = (config.batch_size, *configlib.image_hw(config.image_size), 3)
+  images = jax.device_put(jax.random.randint(jax.random.PRNGKey(1), shape, 0, 256, jnp.int32)
+                          .astype(jnp.uint8), NamedSharding(mesh, P("data")))
   batch = {"image": images}
   # Dispatch is asynchronous: without this wait the initialization (for ViT-L, seconds of random
   # numbers) would run on the same cores while the step compiles, and count as compile time.

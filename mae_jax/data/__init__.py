@@ -9,9 +9,10 @@ from mae_jax.data.pipeline import (
     eval_batches,
     eval_steps,
     get_source,
+    normalize_on_device,
     steps_per_epoch,
     train_batches,
 )
 
-__all__ = ["Source", "eval_batches", "eval_steps", "get_source", "steps_per_epoch",
-           "train_batches"]
+__all__ = ["Source", "eval_batches", "eval_steps", "get_source", "normalize_on_device",
+           "steps_per_epoch", "train_batches"]

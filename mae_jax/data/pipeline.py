@@ -19,7 +19,11 @@ running stream is found again (the order is a pure function of the seed) and nam
 Augmentation (the official MAE pretraining recipe): RandomResizedCrop with torchvision's sampling
 (area fraction uniform in (crop_min_scale, 1), log-uniform aspect ratio in (3/4, 4/3), 10 tries,
 centre-crop fallback), bicubic resize to image_size (S x S, or H x W), horizontal flip,
-normalization by mean/std. Grayscale and palette images become RGB. TensorFlow is hidden from accelerators: it never grabs GPU memory.
+normalization by mean/std. The pretraining stream stops before the normalization and yields uint8
+pixels: a quarter of the bytes to batch and copy to the devices, and no float work on the host;
+the train step normalizes them (`normalize_on_device`: the same operations, to float32 rounding). The fine-tuning
+stream (RandAugment, random erasing on normalized pixels) yields float32. Grayscale and palette
+images become RGB. TensorFlow is hidden from accelerators: it never grabs GPU memory.
 """
 
 from __future__ import annotations
@@ -424,6 +428,15 @@ def _normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
+def normalize_on_device(images, mean, std):
+  """uint8 pixels [..., 3] -> float32 normalized by mean / std (jax.numpy, inside the train
+  step): the operations of the host's `_normalize` (and torchvision's ToTensor + Normalize).
+  XLA:CPU divides through a reciprocal, so a value can differ from the host's in its last bit."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = images.astype(jnp.float32) / jnp.float32(255.0)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 def _resize(image: tf.Tensor, size) -> tf.Tensor:
   image = tf.image.resize(image, size, method="bicubic", antialias=False)
   return tf.clip_by_value(tf.round(image), 0.0, 255.0)
@@ -444,17 +457,17 @@ def _train_transform(d, image_size, base_seed: int, epoch: int):
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = _decode(ex["image"], lambda shape: random_resized_crop_window(
         shape, crop_seed, (d.crop_min_scale, 1.0)))
-    image = _resize(image, out_hw)
+    image = tf.cast(_resize(image, out_hw), tf.uint8)  # rounded and clipped: exact.
     if d.hflip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    if spec is None and reprob == 0:  # pretraining: nothing more to draw per example.
-      return {"image": _normalize(image, d.mean, d.std), "label": tf.cast(ex["label"], tf.int32)}
+    if spec is None and reprob == 0:  # pretraining: uint8, normalized in the train step.
+      return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
     # Seeds of the fine-tuning augmentations come from their own branch, so the crop and flip
     # are the same with or without them.
     ra_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(
         tf.random.experimental.stateless_fold_in(seed, 1), 2))
     if spec is not None:
-      image = randaugment(tf.cast(image, tf.uint8), ra_seed, spec)
+      image = randaugment(image, ra_seed, spec)
     image = _normalize(image, d.mean, d.std)
     if reprob > 0:
       image = random_erasing(image, erase_seed, reprob)
@@ -580,9 +593,10 @@ def _locate_train(source: Source, d, split: str, process_index: int, process_cou
 def train_batches(source: Source, d, *, split: str, image_size, global_batch_size: int,
                   seed: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict]:
-  """Endless {'image': float32 [b, H, W, 3], 'label': int32 [b]} for this process, from step
+  """Endless {'image': [b, H, W, 3], 'label': int32 [b]} for this process, from step
   `start_step` on (b = global_batch_size / process_count; image_size an int S = (S, S) or
-  (H, W))."""
+  (H, W)). Images are uint8 pixels for pretraining (the train step normalizes them with
+  `normalize_on_device`), float32 normalized with dataset.randaugment or dataset.reprob."""
   local = _local_batch(global_batch_size, process_count)
   spe = steps_per_epoch(source, split, global_batch_size, process_count)
   n = source.num_examples(split, process_index, process_count, drop_remainder=True)
