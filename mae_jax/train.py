@@ -107,7 +107,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       lambda params, *args: loss_fn(cast_params(params, compute_dtype), *args), has_aux=True)
 
   def step_fn(state: TrainState, batch: dict):
-    if batch["image"].dtype == jnp.uint8:
+    if "image" in batch and batch["image"].dtype == jnp.uint8:
       batch = dict(batch, image=data.normalize_on_device(batch["image"], *pixel_stats))
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
