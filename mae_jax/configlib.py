@@ -174,7 +174,7 @@ def imagenet_recipe(c: ml_collections.ConfigDict) -> None:
 
 # config.compute.dtype and config.compute.attention values.
 COMPUTE_DTYPES = ("float32", "bfloat16")
-COMPUTE_ATTENTION = ("auto", "xla", "cudnn")
+COMPUTE_ATTENTION = ("auto", "xla", "cudnn", "blocked")
 
 
 def compute_config() -> ml_collections.ConfigDict:
@@ -188,9 +188,10 @@ def compute_config() -> ml_collections.ConfigDict:
           readers of checkpoints (mae_jax.workdir) give back the per-block layout.
   fsdp    shard parameters and optimizer state over the data axis (each array on its largest
           axis divisible by the device count; arrays under 2**16 elements stay replicated).
-  attention  how softmax(q k^T / sqrt(d)) v runs (jax.nn.dot_product_attention): 'xla', 'cudnn'
-          (cuDNN's fused flash attention; GPUs, bfloat16 only) or 'auto' (cudnn where it
-          applies, else xla).
+  attention  how softmax(q k^T / sqrt(d)) v runs: 'xla' (jax.nn.dot_product_attention),
+          'cudnn' (cuDNN's fused flash attention; GPUs, bfloat16 only), 'blocked' (a few
+          examples at a time, probabilities recomputed in the backward pass; the fastest on
+          CPUs) or 'auto' (cudnn on GPUs in bfloat16, blocked on CPUs, else xla).
   """
   m = ml_collections.ConfigDict()
   m.dtype = "float32"

@@ -63,7 +63,8 @@ def test_remat_and_scan_give_the_unrolled_loss_and_gradients(compute):
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   assert jax.tree.structure(g1) == jax.tree.structure(g0)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    # atol: float32 rounding of the largest gradients (~0.5), which remat sums in another order.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_stack_and_unstack_blocks_are_inverse_and_leave_other_blocks_alone():

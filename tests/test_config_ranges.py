@@ -69,7 +69,7 @@ COMMON = [
     ("compute.scan", "yes", "config.compute.scan must be True or False, got 'yes'"),
     ("compute.fsdp", None, "config.compute.fsdp must be True or False, got None"),
     ("compute.attention", "flash",
-     "config.compute.attention must be one of ('auto', 'xla', 'cudnn')"),
+     "config.compute.attention must be one of ('auto', 'xla', 'cudnn', 'blocked')"),
     ("dataset.name", "", "config.dataset.name must be a non-empty string, got ''"),
     ("dataset.name", "folder", "config.dataset.name='folder' needs config.dataset.folder=PATH"),
     ("dataset.train_split", "", "config.dataset.train_split must be a non-empty string"),

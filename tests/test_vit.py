@@ -217,12 +217,30 @@ def test_fused_attention_equals_the_written_out_product():
 
 
 def test_attention_implementation_choice():
-  # 'auto' takes cuDNN only on a GPU with 16-bit activations; explicit choices are kept.
-  gpu = jax.default_backend() == "gpu"
-  assert vit.attention_implementation("auto", jnp.float32) == "xla"
-  assert vit.attention_implementation("auto", jnp.bfloat16) == ("cudnn" if gpu else "xla")
+  # 'auto': cuDNN on a GPU with 16-bit activations, blocked on a CPU, else XLA's; explicit
+  # choices are kept.
+  backend = jax.default_backend()
+  other = {"cpu": "blocked"}.get(backend, "xla")
+  assert vit.attention_implementation("auto", jnp.float32) == other
+  assert vit.attention_implementation("auto", jnp.bfloat16) == (
+      "cudnn" if backend == "gpu" else other)
   assert vit.attention_implementation("xla", jnp.bfloat16) == "xla"
   assert vit.attention_implementation("cudnn", jnp.float32) == "cudnn"
+
+
+@pytest.mark.parametrize("batch,tokens,heads", [(6, 17, 4), (5, 9, 2), (1, 65, 4)])
+def test_blocked_attention_equals_xla_forward_and_backward(batch, tokens, heads, monkeypatch):
+  """Blocks of examples (here of 2 or 3, and an odd batch of single examples) with the
+  probabilities recomputed in the backward pass: XLA's attention to float32 rounding."""
+  monkeypatch.setattr(vit, "BLOCK_BYTES", 2 * heads * tokens * tokens * 4)
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (batch, tokens, heads, 8))
+             for i in range(3))
+  xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(vit.blocked_attention(q, k, v), xla(q, k, v), rtol=1e-5,
+                             atol=1e-6)
+  loss = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(loss(vit.blocked_attention), loss(xla)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_cudnn_request_off_gpu_falls_back_to_xla():

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mae_jax.masking import upsample_mask
-from mae_jax.models.vit import (Compute, DropPath, dense_init, gather_tokens, patch_init,
+from mae_jax.models.vit import (Compute, DropPath, dense_init, gather_tokens, gelu, patch_init,
                                 run_blocks, sincos_2d)
 
 # name -> (stage widths, stage depths, heads of the stage-3 blocks); MLP ratio 4 in all stages.
@@ -149,7 +149,7 @@ class ConvPatchEmbed(nn.Module):
     x = patch_conv(self.width, p, "proj", in_features=x.shape[-1],
                    kernel_init=patch_init if self.xavier else conv_kernel_init)(x)
     x = nn.LayerNorm(epsilon=1e-5, name="norm")(x)
-    return nn.gelu(x, approximate=False)
+    return gelu(x)
 
 
 class ConvMlp(nn.Module):
@@ -160,7 +160,7 @@ class ConvMlp(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     x = PointwiseConv(self.hidden, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     return PointwiseConv(d, name="fc2")(x)
 
 

@@ -154,7 +154,8 @@ class Attention(nn.Module):
     head_dim = d // self.num_heads
     qkv = nn.Dense(3 * d, kernel_init=dense_init, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+    # One unstack rather than three slices: its gradient is one concatenation, not three pads.
+    q, k, v = jnp.unstack(qkv, axis=2)  # [B, N, heads, head_dim]
     if self.is_mutable_collection("intermediates"):
       self.sow("intermediates", "q", q)
       self.sow("intermediates", "k", k)
@@ -169,22 +170,64 @@ class Attention(nn.Module):
 
 
 def _dot_product_attention(q, k, v, implementation: str):
-  """softmax(q k^T / sqrt(head_dim)) v with logits and softmax in float32 (both paths)."""
+  """softmax(q k^T / sqrt(head_dim)) v with logits and softmax in float32 (every path)."""
   if implementation == "cudnn":
     try:
       return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError):
       pass  # a shape, dtype or cuDNN version it does not take: found while tracing.
+  if implementation == "blocked":
+    return blocked_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+# Bytes of attention probabilities one block of `blocked_attention` holds: a few MiB, so that a
+# block's logits, probabilities and their gradients stay in the CPU's caches.
+BLOCK_BYTES = 8 * 2**20
+
+
+def blocked_attention(q, k, v):
+  """The attention product a few examples at a time (q, k, v: [B, N, heads, head_dim]).
+
+  Heads-major ([B, heads, N, head_dim]) batched matmuls, over blocks of examples in a
+  `lax.map`, each block under `jax.checkpoint`: the backward pass recomputes a block's
+  probabilities instead of storing all [B, heads, N, N] of them (as flash attention does). On
+  XLA:CPU this keeps the softmax's passes in cache; it also stores less for the backward."""
+  b, n, h, d = q.shape
+  per_example = h * n * n * 4
+  block = max(c for c in range(1, b + 1) if b % c == 0 and (c == 1 or c * per_example
+                                                            <= BLOCK_BYTES))
+  scale = jnp.asarray(d**-0.5, q.dtype)
+
+  @jax.checkpoint
+  def one_block(qkv):
+    bq, bk, bv = qkv  # [block, heads, N, head_dim]
+    logits = jnp.matmul(bq * scale, bk.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(bv.dtype)
+    return jnp.matmul(probs, bv)
+
+  heads_major = [t.transpose(0, 2, 1, 3).reshape(b // block, block, h, n, d) for t in (q, k, v)]
+  out = jax.lax.map(one_block, tuple(heads_major))
+  return out.reshape(b, h, n, d).transpose(0, 2, 1, 3)
 
 
 def attention_implementation(choice: str, dtype) -> str:
   """'auto' -> 'cudnn' on a GPU backend with 16-bit activations (cuDNN's flash attention takes
-  only bfloat16 / float16), else 'xla'; 'xla' and 'cudnn' are taken as they are."""
+  only bfloat16 / float16), 'blocked' on a CPU, else 'xla' (TPUs, GPUs in float32); an explicit
+  choice is taken as it is."""
   if choice != "auto":
     return choice
+  backend = jax.default_backend()
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  if backend == "gpu" and half:
+    return "cudnn"
+  return "blocked" if backend == "cpu" else "xla"
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * (1 + erf(x / sqrt(2))) / 2: torch.nn.GELU()'s formula. (jax.nn.gelu writes
+  it with erfc, whose XLA:CPU kernel costs several passes of exp and selects.)"""
+  return x * (0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype))))
 
 
 class Mlp(nn.Module):
@@ -194,7 +237,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.hidden, kernel_init=dense_init, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # exact erf GELU, as torch.nn.GELU().
+    x = gelu(x)
     return nn.Dense(d, kernel_init=dense_init, name="fc2")(x)
 
 
