@@ -416,24 +416,38 @@ def test_a_torn_metrics_line_is_dropped_on_resume(clean_run, tmp_path):
 
 
 def test_kill_9_at_random_moments_resumes_bitwise(tmp_path, digits_data_dir):
-  """Runs killed with SIGKILL at random moments (compiling, training, mid-save); every restart
-  resumes from a complete checkpoint and the final parameters equal an uninterrupted run's."""
+  """Runs killed with SIGKILL at random moments of their training (between and inside steps and
+  checkpoint saves, which come every 2 steps); every restart resumes from a complete checkpoint,
+  the runs make progress, and the final parameters equal an uninterrupted run's, bitwise."""
   kills = int(os.environ.get("MAE_JAX_FAULT_KILLS", "3"))
-  flags = ["--config.total_steps=12", "--config.checkpoint_every_steps=2"]
+  # About 7 steps a second with a save every 2: long enough that every kill lands while the
+  # runs train.
+  total = 12 * kills + 24
+  flags = [f"--config.total_steps={total}", "--config.checkpoint_every_steps=2",
+           "--config.log_every_steps=2"]
   reference = tmp_path / "reference"
   r = _run(_cli(reference, digits_data_dir, *flags))
   assert r.returncode == 0, r.stderr[-2000:]
-  wd, rng, resumed = tmp_path / "killed", random.Random(0), []
+  wd, rng = tmp_path / "killed", random.Random(0)
+  resumed, mid_training = [0], 0
   for _ in range(kills):
     run = Watched(_cli(wd, digits_data_dir, *flags))
-    run.wait_for("trained parameters")  # started: the workdir is locked.
-    time.sleep(rng.uniform(0.0, 6.0))
+    run.wait_for("compiled train step")  # training has begun
+    time.sleep(rng.uniform(0.2, 2.5))
+    mid_training += run.proc.poll() is None
     run.proc.send_signal(signal.SIGKILL)
     _, out, _ = run.finish()
     assert "damaged" not in out, out
-    resumed += [line for line in out.splitlines() if line.startswith("resumed from")]
+    for line in out.splitlines():
+      if line.startswith("resumed from"):
+        resumed.append(int(line.split()[-1]))
   r = _run(_cli(wd, digits_data_dir, *flags))
   assert r.returncode == 0, r.stderr[-2000:]
   assert "damaged" not in r.stdout, r.stdout
-  print(f"{kills} kills; restarts resumed at: {resumed}")
+  resumed += [int(line.split()[-1]) for line in r.stdout.splitlines()
+              if line.startswith("resumed from")]
+  print(f"{kills} kills, {mid_training} while training; restarts resumed at steps {resumed[1:]}")
+  # Each restart starts from a complete checkpoint (an even step), never behind the one before.
+  assert all(s % 2 == 0 for s in resumed) and resumed == sorted(resumed), resumed
+  assert mid_training >= max(1, kills // 2) and 0 < resumed[-1] < total, (mid_training, resumed)
   _assert_same(_final_params(wd), _final_params(reference))
