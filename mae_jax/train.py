@@ -552,7 +552,9 @@ class StepLog:
   The loop runs at most one step ahead of the devices: before it fetches the next batch it waits
   for every step but the newest. So a wait for input is time the devices have (almost) nothing
   queued, and `input_wait_s` (seconds per step) says how input-bound the run is. A run whose
-  steps spend more than INPUT_BOUND of their time waiting is told so once, in one line."""
+  typical step (the median of an interval) waits more than INPUT_BOUND of a step's time is told
+  so once, in one line; a lone stall (a new epoch's pipeline filling its shuffle buffer, an
+  evaluator) is not that."""
 
   INPUT_BOUND = 0.2
 
@@ -561,7 +563,7 @@ class StepLog:
     self.report_skipped = config.get("nan_policy", "stop") == "skip"
     self.pending: list = []  # (step, metrics on device)
     self.unchecked = 0  # index of the first pending step whose flag was not read.
-    self.wait_s = 0.0  # input wait since the last log.
+    self.waits: list[float] = []  # input wait of each step since the last log.
     self.logs = 0
     self.warned = False
     self.restart_clock()
@@ -573,7 +575,7 @@ class StepLog:
     self.pending.append((step, metrics))
 
   def waited(self, seconds: float) -> None:
-    self.wait_s += seconds
+    self.waits.append(seconds)
 
   def first_nonfinite(self, wait: bool = False) -> Optional[int]:
     """The first step since the last call whose update was not finite (not applied), or None.
@@ -597,19 +599,20 @@ class StepLog:
       scalars["skipped_steps"] = float(sum(m["nonfinite"] for m in fetched))
     elapsed = time.perf_counter() - self.t0
     scalars["img_per_s"] = len(fetched) * self.batch_size / max(elapsed, 1e-9)
-    scalars["input_wait_s"] = self.wait_s / len(fetched)
+    scalars["input_wait_s"] = sum(self.waits) / len(fetched)
     scalars["epoch"] = step / self.plan.steps_per_epoch
     eta = (self.plan.total_steps - step) * elapsed / len(fetched)
     print(progress_line(step, self.plan.total_steps, scalars, eta), flush=True)
     # The first interval starts with the input pipeline's own warm-up: not judged.
-    share = self.wait_s / max(elapsed, 1e-9)
-    if self.logs and not self.warned and share > self.INPUT_BOUND:
+    step_s = elapsed / len(fetched)
+    typical = float(np.median(self.waits)) if self.waits else 0.0
+    if self.logs and not self.warned and typical > self.INPUT_BOUND * step_s:
       self.warned = True
-      print(f"warning: input-bound: steps {step - len(fetched) + 1}-{step} waited for their "
-            f"batch {share:.0%} of the time ({scalars['input_wait_s']:.3f} s per step); the "
+      print(f"warning: input-bound: steps {step - len(fetched) + 1}-{step} waited "
+            f"{typical:.3f} s for their batch in a step of {step_s:.3f} s (median); the "
             "accelerators idle while the host decodes images (more host cores or a faster "
             "data_dir help; input_wait_s in metrics.jsonl)", flush=True)
-    self.pending, self.unchecked, self.wait_s = [], 0, 0.0
+    self.pending, self.unchecked, self.waits = [], 0, []
     self.logs += 1
     self.restart_clock()
     return scalars

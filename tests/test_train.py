@@ -212,8 +212,23 @@ def test_a_slow_input_is_logged_and_warned_about_once(tmp_path, digits_data_dir,
   assert printed.count("warning: input-bound") == 1, printed
 
 
-def test_a_fast_input_is_not_called_input_bound(tmp_path, digits_data_dir, capsys):
-  config = small_config(digits_data_dir, total_steps=8, log_every_steps=2,
-                        checkpoint_every_steps=8)
-  tasks.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+def test_a_lone_stall_is_logged_but_not_called_input_bound(tmp_path, digits_data_dir,
+                                                           monkeypatch, capsys):
+  """One batch of an interval late by 0.5 s (a new epoch filling its shuffle buffer, say):
+  input_wait_s shows it, the warning does not come."""
+  import time
+  real = train.data.train_batches
+
+  def one_stall(*args, **kwargs):
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if i == 6:
+        time.sleep(0.5)
+      yield batch
+
+  monkeypatch.setattr(train.data, "train_batches", one_stall)
+  config = small_config(digits_data_dir, total_steps=12, log_every_steps=4,
+                        checkpoint_every_steps=12)
+  out = tasks.pretrain(config, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  waits = [h["input_wait_s"] for h in out["history"] if "loss" in h]
+  assert len(waits) == 3 and max(waits[1:]) > 0.05, waits  # 0.5 s over 4 steps, after 4
   assert "input-bound" not in capsys.readouterr().out
