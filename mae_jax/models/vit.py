@@ -189,26 +189,31 @@ BLOCK_BYTES = 8 * 2**20
 def blocked_attention(q, k, v):
   """The attention product a few examples at a time (q, k, v: [B, N, heads, head_dim]).
 
-  Heads-major ([B, heads, N, head_dim]) batched matmuls, over blocks of examples in a
+  Heads-major ([heads, N, head_dim] per example) batched matmuls over blocks of examples in a
   `lax.map`, each block under `jax.checkpoint`: the backward pass recomputes a block's
   probabilities instead of storing all [B, heads, N, N] of them (as flash attention does). On
-  XLA:CPU this keeps the softmax's passes in cache; it also stores less for the backward."""
+  XLA:CPU this keeps the softmax's passes in cache; it also stores less for the backward.
+  Block i holds examples i, i + n, i + 2n, ... (n blocks): with the batch sharded over devices,
+  every device then works on each block, and when n divides the per-device batch no example
+  crosses devices."""
   b, n, h, d = q.shape
   per_example = h * n * n * 4
-  block = max(c for c in range(1, b + 1) if b % c == 0 and (c == 1 or c * per_example
-                                                            <= BLOCK_BYTES))
+  blocks = min(m for m in range(1, b + 1) if b % m == 0 and (m == b or (b // m) * per_example
+                                                              <= BLOCK_BYTES))
   scale = jnp.asarray(d**-0.5, q.dtype)
 
   @jax.checkpoint
   def one_block(qkv):
-    bq, bk, bv = qkv  # [block, heads, N, head_dim]
+    bq, bk, bv = qkv  # [B / blocks, heads, N, head_dim]
     logits = jnp.matmul(bq * scale, bk.swapaxes(-1, -2), preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(bv.dtype)
     return jnp.matmul(probs, bv)
 
-  heads_major = [t.transpose(0, 2, 1, 3).reshape(b // block, block, h, n, d) for t in (q, k, v)]
-  out = jax.lax.map(one_block, tuple(heads_major))
-  return out.reshape(b, h, n, d).transpose(0, 2, 1, 3)
+  # [B, N, heads, head_dim] -> [blocks, B / blocks, heads, N, head_dim], example i*blocks + j in
+  # block j.
+  strided = [t.reshape(b // blocks, blocks, n, h, d).transpose(1, 0, 3, 2, 4) for t in (q, k, v)]
+  out = jax.lax.map(one_block, tuple(strided))  # [blocks, B / blocks, heads, N, head_dim]
+  return out.transpose(1, 0, 3, 2, 4).reshape(b, n, h, d)
 
 
 def attention_implementation(choice: str, dtype) -> str:
