@@ -13,6 +13,9 @@ r"""`python -m mae_jax.bench`: speed figures, each against a measured reference 
   # The training loop on real images against the step alone:
   python -m mae_jax.bench --config=mae:vit_s16 --batch_size=32 --config.compute.dtype=float32 \
       --loop=photos
+  # Where one step's time goes, by kernel and model part (CPU; a jax.profiler trace in DIR):
+  python -m mae_jax.bench --config=mae:vit_s16 --batch_size=32 --config.compute.dtype=float32 \
+      --profile=DIR
   # The accelerator report (launch/gpu_check.sh), or its CPU rehearsal on a tiny model:
   python -m mae_jax.bench --report=accelerator [--dry]
 
@@ -24,6 +27,7 @@ JSON lines with the figures. Bad flags or values: one line `error: ...`, exit co
 from __future__ import annotations
 
 import json
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -55,6 +59,8 @@ _PHOTOS_DIR = flags.DEFINE_string("photos_dir", "/tmp/mae_jax_photos",
 _WORKERS = flags.DEFINE_integer("workers", 0, "With --input: the host cores both inputs run on "
                                 "(the DataLoader's workers; the process is pinned to them); "
                                 "0 = all of this host's cores.")
+_PROFILE = flags.DEFINE_string("profile", "", "Profile one step (CPU): write a jax.profiler "
+                               "trace to this folder and print where the step's time goes.")
 _REPORT = flags.DEFINE_enum("report", "", ["", "accelerator"], "A fixed set of measurements: "
                             "accelerator = MAE ViT-B/16 and ViT-L/16 in bfloat16.")
 _DRY = flags.DEFINE_bool("dry", False, "With --report: a tiny model, for a CPU rehearsal.")
@@ -84,6 +90,13 @@ def _run(config) -> None:
     _print([r], input_bench.format_input_table)
     return
   from mae_jax.bench import step
+  if _PROFILE.value:
+    from mae_jax.bench import profile
+    with config.unlocked():
+      config.batch_size = _BATCH.value or config.batch_size
+    r = profile.profile_step(config, _PROFILE.value, _MATMUL.value)
+    _print([r], profile.format_profile)
+    return
   try:
     batches = [int(b) for b in _SWEEP.value] or [_BATCH.value or config.batch_size]
   except ValueError:
@@ -115,9 +128,12 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   config = config_value(_CONFIG, "configs/mae.py:vit_s16") if not _REPORT.value else None
-  modes = [m for m in (_INPUT.value, _LOOP.value, _REPORT.value) if m]
+  modes = [m for m in (_INPUT.value, _LOOP.value, _REPORT.value, _PROFILE.value) if m]
   if len(modes) > 1:
-    fail("--input, --loop and --report are separate benchmarks: give one")
+    fail("--input, --loop, --report and --profile are separate benchmarks: give one")
+  if _PROFILE.value:  # XLA:CPU's per-kernel trace events, switched on before JAX starts.
+    from mae_jax.bench.profile import TRACEME_FLAG
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TRACEME_FLAG}".strip()
   for name, flag in (("steps", _STEPS), ("batch_size", _BATCH), ("matmul_size", _MATMUL)):
     if flag.value < (1 if name == "steps" else 0):
       fail(f"--{name} must be >= {1 if name == 'steps' else 0}, got {flag.value}")

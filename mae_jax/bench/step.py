@@ -12,6 +12,7 @@ compilation. Memory and speed options are config keys (`compute.dtype`, `.remat`
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 
 def measure_matmul_peak(n: int, dtype, repeats: int = 5) -> float:
@@ -89,7 +90,9 @@ def compute_label(config) -> str:
 
 
 def run_bench(config, steps: int, warmup: int, matmul_size: int,
-              compile_only: bool = False) -> dict:
+              compile_only: bool = False, keep: Optional[dict] = None) -> dict:
+  """The step's figures (see the module docstring); `keep` (a dict) receives the compiled step
+  and the state and batch after the timed steps, for a profile of one more."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -154,6 +157,8 @@ def run_bench(config, steps: int, warmup: int, matmul_size: int,
   matmul_dtype = jnp.dtype(c.dtype) if c is not None else jnp.float32
   peak = measure_matmul_peak(matmul_size, matmul_dtype)
   achieved = flops / step_s
+  if keep is not None:
+    keep.update(compiled=compiled, state=state, batch=batch)
   return {
       **result,
       "img_per_s": config.batch_size / step_s,
