@@ -161,3 +161,21 @@ def test_bad_bench_flags_are_one_line(args, line):
   r = run_cli("--config=mae", *args, module="mae_jax.bench", env_extra=ONE_DEVICE)
   assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
   assert line in r.stderr, r.stderr
+
+
+def test_profile_splits_the_step_by_kernel_kind_and_model_part(tmp_path):
+  rows, out = _bench("--config=mae", "--batch_size=8", "--matmul_size=128",
+                     "--config.image_size=16", "--config.model.decoder_depth=1",
+                     f"--profile={tmp_path / 'trace'}")
+  r = rows[-1]
+  parts = {(p["part"], p["kind"]) for p in r["parts"]}
+  # Every block's matmuls and elementwise work are found, in the encoder and the decoder.
+  for where in ("encoder blocks", "decoder blocks"):
+    for sub in ("attn", "mlp"):
+      assert (f"{where} {sub}", "matmul") in parts, parts
+  assert ("encoder blocks norm", "other") in parts, parts
+  assert abs(sum(p["share"] for p in r["parts"]) - 1.0) < 1e-6
+  # The kernels' summed time is about the step's (one kernel at a time on the CPU runtime).
+  assert 0.3 * r["step_s"] < r["kernel_seconds"] < 3 * r["step_s"], r
+  assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the trace, for TensorBoard / xprof
+  assert "| all matmuls |" in out
