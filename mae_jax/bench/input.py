@@ -6,7 +6,8 @@
   python -m mae_jax.bench --input=photos_tfds       # the generated photos as a tfds dataset
 
 Ours is `mae_jax.data.train_batches` (read -> JPEG decode of the crop window only -> bicubic
-resize -> flip -> normalize -> batch) followed by the copy to the device. The peer is the input of
+resize -> flip -> batch of uint8 pixels, which the train step normalizes on the device) followed
+by the copy to the device. The peer is the input of
 facebookresearch/mae `main_pretrain.py`: torchvision `ImageFolder` with
 `RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=BICUBIC)`, `RandomHorizontalFlip`,
 `ToTensor`, `Normalize`, and a `DataLoader` with `num_workers` = the host's cores, on the same
