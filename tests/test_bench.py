@@ -154,7 +154,8 @@ def test_step_bench_against_the_hugging_face_peer():
     (["--input=photos", "--peer=hf"], "--peer=hf: with --input, torchvision or none"),
     (["--input=folder:/nonexistent"], "--input=folder:/nonexistent: /nonexistent is not a folder"),
     (["--input=videos"], "--input=videos: expected photos, photos_tfds, folder:DIR or tfds:NAME"),
-    (["--input=photos", "--loop=photos"], "--input, --loop and --report are separate"),
+    (["--input=photos", "--loop=photos"],
+     "--input, --loop, --report and --profile are separate"),
     (["--steps=0"], "--steps must be >= 1, got 0"),
 ])
 def test_bad_bench_flags_are_one_line(args, line):

@@ -54,7 +54,8 @@ def test_normalize_on_device_is_the_hosts_normalization():
   from mae_jax.data import pipeline
   pixels = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # [256, 1, 3]
   mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-  host = pipeline._normalize(tf.constant(pixels), mean, std).numpy()  # pylint: disable=protected-access
+  host = pipeline._normalize(  # pylint: disable=protected-access
+      tf.constant(pixels), mean, std).numpy()
   device = np.asarray(jax.jit(lambda x: data.normalize_on_device(x, mean, std))(pixels))
   np.testing.assert_allclose(device, host, rtol=1e-6, atol=1e-6)
   assert device.dtype == np.float32

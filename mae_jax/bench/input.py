@@ -1,4 +1,4 @@
-"""The training input alone, timed: ours against the official MAE input (torchvision) on one machine.
+"""The training input alone, timed: ours against the official MAE input (torchvision).
 
   python -m mae_jax.bench --input=photos            # generated photos (below), ours + torchvision
   python -m mae_jax.bench --input=folder:DIR        # your folder of images (class sub-folders)

@@ -2,10 +2,10 @@
 
 The step alone is `step.run_bench` (a synthetic batch already on the devices). The loop is
 `tasks.pretrain` in a temporary workdir reading the images through the training input (decode,
-crop, resize, flip, normalize, batch), copying them to the devices, logging metrics and writing
-checkpoints on the config's schedule (evaluators off). It runs 2 x `steps` steps and logs every `steps`: the first
-interval warms the input pipeline up, the second is timed (the loop's own clock, which starts
-after compilation). The ratio loop / step is the share of the step's speed the whole loop keeps.
+crop, resize, flip, batch), copying them to the devices, logging metrics and writing checkpoints
+on the config's schedule (evaluators off). It runs 2 x `steps` steps and logs every `steps`: the
+first interval warms the input pipeline up, the second is timed (the loop's own clock, which
+starts after compilation). The ratio loop / step is the share of the step's speed the whole loop keeps.
 """
 
 from __future__ import annotations

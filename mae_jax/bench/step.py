@@ -1,4 +1,6 @@
-r"""Train-step benchmark on synthetic images (uint8 pixels, as the input feeds it): speed, compile time, FLOP/s against a measured peak.
+r"""Train-step benchmark: speed, compile time, FLOP/s against a measured peak, memory.
+
+Synthetic images, uint8 pixels as the input pipeline feeds the step (which normalizes them).
 
 The step is exactly the training step of `mae_jax.train` (masking, model, loss, gradients, AdamW
 update) jitted over all local devices. FLOPs per step come from XLA's cost analysis of the

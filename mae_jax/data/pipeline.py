@@ -21,9 +21,10 @@ Augmentation (the official MAE pretraining recipe): RandomResizedCrop with torch
 centre-crop fallback), bicubic resize to image_size (S x S, or H x W), horizontal flip,
 normalization by mean/std. The pretraining stream stops before the normalization and yields uint8
 pixels: a quarter of the bytes to batch and copy to the devices, and no float work on the host;
-the train step normalizes them (`normalize_on_device`: the same operations, to float32 rounding). The fine-tuning
-stream (RandAugment, random erasing on normalized pixels) yields float32. Grayscale and palette
-images become RGB. TensorFlow is hidden from accelerators: it never grabs GPU memory.
+the train step normalizes them (`normalize_on_device`: the same operations, to float32
+rounding). The fine-tuning stream (RandAugment, random erasing on normalized pixels) yields
+float32. Grayscale and palette images become RGB. TensorFlow is hidden from accelerators: it
+never grabs GPU memory.
 """
 
 from __future__ import annotations
