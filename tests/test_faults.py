@@ -5,6 +5,7 @@ the next run finishes (bitwise equal to an uninterrupted run where it trains the
 
 MAE_JAX_FAULT_KILLS sets how many kill -9 restarts the random-kill test makes (default 3)."""
 
+import functools
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -318,16 +320,28 @@ def test_two_fresh_runs_started_together_one_trains_one_refuses(tmp_path, digits
 # ----------------------------------------------------------------------------- full or unwritable disks
 
 
+@functools.cache
 def _can_mount() -> bool:
+  """Whether this process may mount a tmpfs (root in most containers, not in all). Probed in a
+  folder of its own: parallel test workers probe at the same time."""
   if os.geteuid() != 0 or not shutil.which("mount"):
     return False
-  probe = "/tmp/mae_jax_mount_probe"
-  os.makedirs(probe, exist_ok=True)
-  ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", probe],
-                      capture_output=True).returncode == 0
-  if ok:
-    subprocess.run(["umount", probe], check=True)
-  return ok
+  probe = tempfile.mkdtemp(prefix="mae_jax_mount_probe_")
+  try:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", probe],
+                      capture_output=True).returncode != 0:
+      return False
+    if subprocess.run(["umount", probe], capture_output=True).returncode != 0:
+      subprocess.run(["umount", "-l", probe], capture_output=True)
+    return True
+  finally:
+    shutil.rmtree(probe, ignore_errors=True)
+
+
+def _unmount(path: str) -> None:
+  # A lazy unmount when a just-ended process's files still hold the mount ("target is busy").
+  if subprocess.run(["umount", path], capture_output=True).returncode != 0:
+    subprocess.run(["umount", "-l", path], check=True)
 
 
 def _make_unwritable(path: str) -> callable:
@@ -338,12 +352,12 @@ def _make_unwritable(path: str) -> callable:
     return lambda: os.chmod(path, 0o755)
   subprocess.run(["mount", "--bind", path, path], check=True)
   subprocess.run(["mount", "-o", "remount,ro,bind", path], check=True)
-  return lambda: subprocess.run(["umount", path], check=True)
+  return lambda: _unmount(path)
 
 
-@pytest.mark.skipif(os.geteuid() == 0 and not _can_mount(),
-                    reason="root without mount: no way to make a folder unwritable")
 def test_an_unwritable_checkpoint_folder_ends_the_run_in_one_line(tmp_path, digits_data_dir):
+  if os.geteuid() == 0 and not _can_mount():
+    pytest.skip("root without mount: no way to make a folder unwritable")
   wd = tmp_path / "wd"
   run = Watched(_cli(wd, digits_data_dir, "--config.total_steps=100000",
                      "--config.checkpoint_every_steps=2"))
@@ -390,7 +404,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(tmp_path, digits
     shutil.copytree(wd, saved)
   finally:
     if mounted:
-      subprocess.run(["umount", str(disk)], check=True)
+      _unmount(str(disk))
   # Moved to a disk with room, the run resumes from its last complete checkpoint and finishes.
   r = _run(_cli(saved, digits_data_dir, "--config.total_steps=40",
                 "--config.checkpoint_every_steps=2"))
