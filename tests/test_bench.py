@@ -40,6 +40,37 @@ def test_compile_only_and_markdown_rows_name_the_compute_options():
   assert "float32 remat scan" in bench.format_table(r)
 
 
+def test_flops_per_step_count_the_global_batch_whatever_the_attention_or_scan():
+  """XLA's analysis counts a loop body once and a partitioned program per device: the bench's
+  count must not move with blocked attention, scan, or the number of devices (8 here)."""
+  import jax
+
+  from mae_jax import train
+  from mae_jax.methods import get_method
+
+  c = mae_config.get_config("tiny")
+  c.image_size = 16
+  c.batch_size = 16
+  c.compute.attention = "xla"
+  counts = {}
+  for attention, scan in (("xla", False), ("blocked", False), ("xla", True), ("blocked", True)):
+    c.compute.attention, c.compute.scan = attention, scan
+    r = bench.run_bench(c, steps=1, warmup=0, matmul_size=64, compile_only=True)
+    counts[attention, scan] = r["flops_per_step"]
+  assert len(jax.devices()) == 8
+  for key, flops in counts.items():
+    assert abs(flops / counts["xla", False] - 1) < 1e-3, (key, counts)
+  # XLA's count of the same step compiled for one device.
+  c.compute.attention, c.compute.scan = "xla", False
+  mesh = train.make_mesh(jax.devices()[:1])
+  plan = train.Plan(steps_per_epoch=1000, total_steps=100_000, warmup_steps=1000, peak_lr=1e-4)
+  update = train.build_update(c, mesh, plan, get_method(c, plan.total_steps))
+  abstract = jax.eval_shape(update.init_state, jax.random.PRNGKey(0))
+  images = jax.ShapeDtypeStruct((16, 16, 16, 3), np.uint8)
+  one_device = bench.cost_flops(update.step.lower(abstract, {"image": images}).compile())
+  assert abs(counts["xla", False] / one_device - 1) < 0.02, (counts, one_device)
+
+
 # ----------------------------------------------------------------------------- other modes
 
 import json  # noqa: E402
@@ -180,3 +211,18 @@ def test_profile_splits_the_step_by_kernel_kind_and_model_part(tmp_path):
   assert 0.3 * r["step_s"] < r["kernel_seconds"] < 3 * r["step_s"], r
   assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the trace, for TensorBoard / xprof
   assert "| all matmuls |" in out
+
+
+def test_profile_by_operation_splits_forward_and_backward(tmp_path):
+  rows, out = _bench("--config=mae", "--batch_size=8", "--matmul_size=128",
+                     "--config.image_size=16", "--config.model.decoder_depth=1",
+                     "--config.compute.attention=blocked", "--profile_by=op",
+                     f"--profile={tmp_path / 'trace'}")
+  ops = {p["part"]: p["kind"] for p in rows[-1]["parts"]}
+  for direction in ("forward", "backward"):
+    for where in ("encoder", "decoder"):
+      assert ops.get(f"{direction} {where}/blocks/mlp/fc1/dot_general") == "matmul", ops
+  # The attention product inside blocked attention's loop is its own row.
+  assert any(op.startswith("forward decoder/blocks/attn/while/") and kind == "matmul"
+             for op, kind in ops.items()), ops
+  assert "| operation | kind | time | share |" in out

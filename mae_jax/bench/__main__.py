@@ -13,9 +13,10 @@ r"""`python -m mae_jax.bench`: speed figures, each against a measured reference 
   # The training loop on real images against the step alone:
   python -m mae_jax.bench --config=mae:vit_s16 --batch_size=32 --config.compute.dtype=float32 \
       --loop=photos
-  # Where one step's time goes, by kernel and model part (CPU; a jax.profiler trace in DIR):
+  # Where one step's time goes, by kernel and model part (CPU; a jax.profiler trace in DIR);
+  # --profile_by=op: by operation, forward and backward:
   python -m mae_jax.bench --config=mae:vit_s16 --batch_size=32 --config.compute.dtype=float32 \
-      --profile=DIR
+      --profile=DIR [--profile_by=op]
   # The accelerator report (launch/gpu_check.sh), or its CPU rehearsal on a tiny model:
   python -m mae_jax.bench --report=accelerator [--dry]
 
@@ -61,6 +62,9 @@ _WORKERS = flags.DEFINE_integer("workers", 0, "With --input: the host cores both
                                 "0 = all of this host's cores.")
 _PROFILE = flags.DEFINE_string("profile", "", "Profile one step (CPU): write a jax.profiler "
                                "trace to this folder and print where the step's time goes.")
+_PROFILE_BY = flags.DEFINE_enum("profile_by", "part", ["part", "op"], "With --profile: rows by "
+                                 "model part (decoder blocks attn) or by operation, forward and "
+                                 "backward (backward decoder/blocks/attn/qkv/dot_general).")
 _REPORT = flags.DEFINE_enum("report", "", ["", "accelerator"], "A fixed set of measurements: "
                             "accelerator = MAE ViT-B/16 and ViT-L/16 in bfloat16.")
 _DRY = flags.DEFINE_bool("dry", False, "With --report: a tiny model, for a CPU rehearsal.")
@@ -94,7 +98,7 @@ def _run(config) -> None:
     from mae_jax.bench import profile
     with config.unlocked():
       config.batch_size = _BATCH.value or config.batch_size
-    r = profile.profile_step(config, _PROFILE.value, _MATMUL.value)
+    r = profile.profile_step(config, _PROFILE.value, _MATMUL.value, _PROFILE_BY.value)
     _print([r], profile.format_profile)
     return
   try:

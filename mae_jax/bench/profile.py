@@ -43,6 +43,21 @@ def _part(op_name: str) -> str:
   return "step (masking, loss, optimizer, input)"
 
 
+def _operation(op_name: str) -> str:
+  """'jit(step_fn)/transpose(jvp(MAE))/decoder/blocks_3/attn/while/body/closed_call/dot_general'
+  -> 'backward decoder/blocks/attn/while/body/closed_call/dot_general': the model code path with
+  the blocks' numbers folded, forward or backward (inside a `transpose(...)` of the autodiff)."""
+  path = re.sub(r"(jit|jvp|transpose|vmap|checkpoint|remat|closed_call)\([^/]*\)/?", "", op_name)
+  path = re.sub(r"_?blocks_\d+", "blocks", path)
+  # Flax's method-call scopes ('encoder.encode', '_blocks.run') say nothing the modules don't.
+  path = "/".join(p for p in path.split("/") if "." not in p)
+  for where in ("encoder", "decoder"):
+    if f"{where}/" in path:
+      direction = "backward" if "transpose(" in op_name else "forward"
+      return f"{direction} {path[path.index(where + '/'):]}"
+  return _part(op_name)
+
+
 def _kernel_times(trace_dir: str) -> dict[str, float]:
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # TensorFlow's copy of the proto.
 
@@ -66,7 +81,9 @@ def _kernel_times(trace_dir: str) -> dict[str, float]:
   return seconds
 
 
-def profile_step(config, trace_dir: str, matmul_size: int) -> dict:
+def profile_step(config, trace_dir: str, matmul_size: int, by: str = "part") -> dict:
+  """`by`: 'part' (the model part: `decoder blocks attn`) or 'op' (the operation's code path,
+  forward or backward: `backward decoder/blocks/attn/qkv/dot_general`)."""
   import jax
 
   from mae_jax.bench import step
@@ -89,9 +106,10 @@ def profile_step(config, trace_dir: str, matmul_size: int) -> dict:
   for kernel, seconds in _kernel_times(trace_dir).items():
     matmul = kernel.startswith(("ynn_fusion", "xnn_fusion", "onednn", "dot")) or (
         kinds.get(kernel) == "kCustom" and "dot" in op_names.get(kernel, ""))
-    rows[(_part(op_names.get(kernel, "")), "matmul" if matmul else "other")] += seconds
+    label = (_operation if by == "op" else _part)(op_names.get(kernel, ""))
+    rows[(label, "matmul" if matmul else "other")] += seconds
   total = sum(rows.values())
-  return {**result, "trace_dir": trace_dir, "kernel_seconds": total,
+  return {**result, "trace_dir": trace_dir, "kernel_seconds": total, "by": by,
           "parts": [{"part": p, "kind": k, "seconds": s, "share": s / total}
                     for (p, k), s in sorted(rows.items(), key=lambda kv: -kv[1])]}
 
@@ -100,7 +118,8 @@ def format_profile(r: dict) -> str:
   lines = [f"profile of one step: {r['method']} {r['config']} ({r['compute']}), batch "
            f"{r['batch_size']} x {r['image_size']} px, {r['device']}; step {r['step_s']:.2f} s, "
            f"kernels {r['kernel_seconds']:.2f} s; trace in {r['trace_dir']}",
-           "| part of the step | kind | time | share |", "|---|---|---|---|"]
+           f"| {'operation' if r.get('by') == 'op' else 'part of the step'} | kind | time | share |",
+           "|---|---|---|---|"]
   for row in r["parts"]:
     if row["seconds"] >= 0.001:
       lines.append(f"| {row['part']} | {row['kind']} | {row['seconds']:.3f} s | "

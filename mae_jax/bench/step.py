@@ -4,7 +4,7 @@ Synthetic images, uint8 pixels as the input pipeline feeds the step (which norma
 
 The step is exactly the training step of `mae_jax.train` (masking, model, loss, gradients, AdamW
 update) jitted over all local devices. FLOPs per step come from XLA's cost analysis of the
-compiled step; the peak is a large matmul of the same dtype timed in the same process, so the
+step over the global batch (`step_flops`); the peak is a large matmul of the same dtype timed in the same process, so the
 ratio says how well the step uses what this machine can actually do. Compile time is timed
 after the initial state is ready and split into tracing (Python to StableHLO) and XLA's
 compilation. Memory and speed options are config keys (`compute.dtype`, `.remat`, `.scan`,
@@ -67,18 +67,26 @@ def xla_memory(compiled) -> float:
                m.temp_size_in_bytes)
 
 
-def unrolled_flops(config, mesh, plan, batch) -> float:
-  """FLOPs of the same step with unrolled blocks: XLA's cost analysis counts a loop body once,
-  so a scanned step's own count leaves out all but one block. Lowered and analysed, not compiled."""
+def step_flops(config, mesh, plan, lowered, batch) -> float:
+  """FLOPs of one step over the whole global batch, from XLA's cost analysis of the step as
+  traced (before it is partitioned over devices, where the count would be per device). XLA's
+  analysis counts a loop body once and cannot see inside a custom call, so when the step loops
+  (scan over blocks, blocked attention) or calls cuDNN's attention, the count is taken from the
+  same step traced with unrolled blocks and XLA's attention: lowered and analysed, not compiled.
+  Recomputation that remat adds is counted; blocked attention's own recomputation is not."""
   import jax
 
   from mae_jax import train
   from mae_jax.methods import get_method
 
-  unrolled = config.copy_and_resolve_references()
-  with unrolled.unlocked():
-    unrolled.compute.scan = False
-  update = train.build_update(unrolled, mesh, plan, get_method(unrolled, plan.total_steps))
+  compute = config.get("compute")
+  if compute is None or (not compute.scan and compute.attention == "xla"):
+    return cost_flops(lowered)
+  counted = config.copy_and_resolve_references()
+  with counted.unlocked():
+    counted.compute.scan = False
+    counted.compute.attention = "xla"
+  update = train.build_update(counted, mesh, plan, get_method(counted, plan.total_steps))
   abstract = jax.eval_shape(update.init_state, jax.random.PRNGKey(0))
   return cost_flops(update.step.lower(abstract, batch))
 
@@ -124,9 +132,7 @@ def run_bench(config, steps: int, warmup: int, matmul_size: int,
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  flops = cost_flops(compiled)
-  if config.get("compute") is not None and config.compute.scan:
-    flops = unrolled_flops(config, mesh, plan, batch)
+  flops = step_flops(config, mesh, plan, lowered, batch)
   device = jax.devices()[0]
   result = {
       "config": config.model.variant if "model" in config else config.method,
