@@ -403,9 +403,9 @@ def train_and_evaluate(config, workdir: str, trainable: Trainable, evaluators: S
     for step in range(start_step, plan.total_steps):
       t0 = time.perf_counter()
       batch = next(batches)
-      if compiled is not None:  # the first batch is fetched before compiling: not a wait.
+      if compiled is not None:
         log.waited(time.perf_counter() - t0)
-      if compiled is None:
+      else:  # the first batch is fetched before compiling: not a wait.
         t0 = time.perf_counter()
         compiled = update.step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0

@@ -31,6 +31,21 @@ GRID = (4, 6)
 RTOL = 1e-5  # on max |ours - theirs| / max |theirs| (test_convert._rel)
 
 
+def _assert_parity(what: str, ours, theirs) -> None:
+  rel = _rel(ours, theirs)
+  print(f"{what} at {HW[0]}x{HW[1]} px: max rel diff {rel:.2e}")
+  assert rel < RTOL
+
+
+def _import_back(folder: str, tmp_path, pos_embed: str) -> str:
+  """`convert import` of an exported folder into a workdir; checks the size and position
+  embedding it recorded and returns the workdir."""
+  back = str(tmp_path / "back")
+  summary = convert.import_checkpoint(folder, back)
+  assert summary["image_size"] == HW and summary["pos_embed"] == pos_embed
+  return back
+
+
 def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
@@ -102,12 +117,8 @@ def test_timm_folder_loads_in_timm_and_imports_back(trained, tmp_path):
   assert tuple(model.patch_embed.img_size) == HW and tuple(model.patch_embed.grid_size) == GRID
   with torch.no_grad():
     theirs = model.forward_features(_nchw(images)).numpy()
-  rel = _rel(m.features(images, pool="tokens"), theirs)
-  print(f"timm folder at {HW[0]}x{HW[1]} px: tokens max rel diff {rel:.2e}")
-  assert rel < RTOL
-  back = str(tmp_path / "back")
-  summary = convert.import_checkpoint(out, back)
-  assert summary["image_size"] == HW and summary["pos_embed"] == "sincos"
+  _assert_parity("timm folder: tokens", m.features(images, pool="tokens"), theirs)
+  back = _import_back(out, tmp_path, pos_embed="sincos")
   params, _ = workdirs.load_params(back)
   _assert_bitwise(params["encoder"], m.params["encoder"])
   assert mae_jax.load(back).grid == GRID
@@ -199,11 +210,6 @@ def test_hf_vit_classifier_folder_matches_and_imports_back(tmp_path, monkeypatch
   hf = transformers.ViTForImageClassification.from_pretrained(out).eval()
   with torch.no_grad():
     theirs = hf(pixel_values=_nchw(images)).logits.numpy()
-  rel = _rel(logits, theirs)
-  print(f"ViTForImageClassification at {HW[0]}x{HW[1]} px: logits max rel diff {rel:.2e}")
-  assert rel < RTOL
-  back = str(tmp_path / "back")
-  summary = convert.import_checkpoint(out, back)
-  assert summary["image_size"] == HW and summary["pos_embed"] == "learned"
-  got, _ = workdirs.load_params(back)
+  _assert_parity("ViTForImageClassification: logits", logits, theirs)
+  got, _ = workdirs.load_params(_import_back(out, tmp_path, pos_embed="learned"))
   _assert_bitwise(got["encoder"], {k: v for k, v in params.items() if k != "head"})

@@ -36,7 +36,8 @@ from ml_collections import config_flags
 from mae_jax.cli import config_value, fail, parse_flags
 from mae_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mae.py:vit_s16",
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Config file, e.g. configs/mae.py:vit_s16",
                                           lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = the config's (128 for --input).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (batches with --input) after warm-up.")

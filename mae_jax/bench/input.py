@@ -149,7 +149,7 @@ def time_torchvision(folder: str, image_size: int, batch: int, steps: int, warmu
     from torchvision import datasets, transforms
   except ImportError:
     raise UserError("the torchvision comparison needs the torch extra: "
-                    "pip install \"mae-jax[torch]\" (or --peer=false)") from None
+                    "pip install \"mae-jax[torch]\" (or --peer=none)") from None
   transform = transforms.Compose([
       transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0),
                                    interpolation=transforms.InterpolationMode.BICUBIC),

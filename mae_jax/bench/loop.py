@@ -5,7 +5,8 @@ The step alone is `step.run_bench` (a synthetic batch already on the devices). T
 crop, resize, flip, batch), copying them to the devices, logging metrics and writing checkpoints
 on the config's schedule (evaluators off). It runs 2 x `steps` steps and logs every `steps`: the
 first interval warms the input pipeline up, the second is timed (the loop's own clock, which
-starts after compilation). The ratio loop / step is the share of the step's speed the whole loop keeps.
+starts after compilation). The ratio loop / step is the share of the step's speed the whole loop
+keeps.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from mae_jax.errors import UserError
 
 def run_loop_bench(config, spec: str, steps: int, warmup: int, matmul_size: int, photos: int,
                    photos_dir: str) -> dict:
-  import jax
-
   from mae_jax import tasks
   from mae_jax.bench import input as input_bench
   from mae_jax.bench import step
@@ -48,12 +47,11 @@ def run_loop_bench(config, spec: str, steps: int, warmup: int, matmul_size: int,
     shutil.rmtree(workdir, ignore_errors=True)
   timed = [h for h in out["history"] if "img_per_s" in h][-1]
   warning = [line for line in printed.getvalue().splitlines() if "input-bound" in line]
-  device = jax.devices()[0]
   return {
       "config": config.model.variant, "method": config.method,
       "compute": step.compute_label(config), "batch_size": config.batch_size,
       "image_size": config.image_size, "input": spec, "dataset": looped.dataset.name,
-      "device": f"{len(jax.devices())}x {device.device_kind} ({device.platform})",
+      "device": step.device_label(),
       "steps": steps, "step_img_per_s": alone["img_per_s"],
       "loop_img_per_s": timed["img_per_s"], "ratio": timed["img_per_s"] / alone["img_per_s"],
       "input_wait_s": timed["input_wait_s"],

@@ -26,11 +26,14 @@ from mae_jax.errors import UserError
 
 TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 
+# The transformations around the model code in an op_name: 'jit(step_fn)/', 'transpose(jvp(...))/'.
+_WRAPPERS = re.compile(r"(jit|jvp|transpose|vmap|checkpoint|remat|closed_call)\([^/]*\)/?")
+
 
 def _part(op_name: str) -> str:
   """'jit(step_fn)/transpose(jvp(MAE))/decoder/blocks_3/mlp/fc1/dot_general' -> 'decoder blocks
   mlp'; ops outside the encoder and decoder -> 'step (masking, loss, optimizer, input)'."""
-  path = re.sub(r"(jit|jvp|transpose|vmap|checkpoint|remat|closed_call)\([^/]*\)/?", "", op_name)
+  path = _WRAPPERS.sub("", op_name)
   parts = [p for p in path.split("/") if p]
   for i, p in enumerate(parts):
     if p in ("encoder", "decoder") or p.startswith("convvit"):
@@ -47,7 +50,7 @@ def _operation(op_name: str) -> str:
   """'jit(step_fn)/transpose(jvp(MAE))/decoder/blocks_3/attn/while/body/closed_call/dot_general'
   -> 'backward decoder/blocks/attn/while/body/closed_call/dot_general': the model code path with
   the blocks' numbers folded, forward or backward (inside a `transpose(...)` of the autodiff)."""
-  path = re.sub(r"(jit|jvp|transpose|vmap|checkpoint|remat|closed_call)\([^/]*\)/?", "", op_name)
+  path = _WRAPPERS.sub("", op_name)
   path = re.sub(r"_?blocks_\d+", "blocks", path)
   # Flax's method-call scopes ('encoder.encode', '_blocks.run') say nothing the modules don't.
   path = "/".join(p for p in path.split("/") if "." not in p)
@@ -115,10 +118,11 @@ def profile_step(config, trace_dir: str, matmul_size: int, by: str = "part") -> 
 
 
 def format_profile(r: dict) -> str:
+  label = "operation" if r.get("by") == "op" else "part of the step"
   lines = [f"profile of one step: {r['method']} {r['config']} ({r['compute']}), batch "
            f"{r['batch_size']} x {r['image_size']} px, {r['device']}; step {r['step_s']:.2f} s, "
            f"kernels {r['kernel_seconds']:.2f} s; trace in {r['trace_dir']}",
-           f"| {'operation' if r.get('by') == 'op' else 'part of the step'} | kind | time | share |",
+           f"| {label} | kind | time | share |",
            "|---|---|---|---|"]
   for row in r["parts"]:
     if row["seconds"] >= 0.001:

@@ -4,8 +4,8 @@ Synthetic images, uint8 pixels as the input pipeline feeds the step (which norma
 
 The step is exactly the training step of `mae_jax.train` (masking, model, loss, gradients, AdamW
 update) jitted over all local devices. FLOPs per step come from XLA's cost analysis of the
-step over the global batch (`step_flops`); the peak is a large matmul of the same dtype timed in the same process, so the
-ratio says how well the step uses what this machine can actually do. Compile time is timed
+step over the global batch (`step_flops`); the peak is a large matmul of the same dtype timed in
+the same process, so the ratio says how well the step uses what this machine can actually do. Compile time is timed
 after the initial state is ready and split into tracing (Python to StableHLO) and XLA's
 compilation. Memory and speed options are config keys (`compute.dtype`, `.remat`, `.scan`,
 `.fsdp`, `.attention`); every row names the ones it ran with.
@@ -91,6 +91,13 @@ def step_flops(config, mesh, plan, lowered, batch) -> float:
   return cost_flops(update.step.lower(abstract, batch))
 
 
+def device_label() -> str:
+  """'2x cpu (cpu)': how many devices the step runs on, of which kind and platform."""
+  import jax
+  device = jax.devices()[0]
+  return f"{len(jax.devices())}x {device.device_kind} ({device.platform})"
+
+
 def compute_label(config) -> str:
   """'bfloat16 remat scan fsdp'-style summary of config.compute ('float32' when all off)."""
   c = config.get("compute")
@@ -133,12 +140,11 @@ def run_bench(config, steps: int, warmup: int, matmul_size: int,
   compiled = lowered.compile()
   t2 = time.perf_counter()
   flops = step_flops(config, mesh, plan, lowered, batch)
-  device = jax.devices()[0]
   result = {
       "config": config.model.variant if "model" in config else config.method,
       "method": config.method,
       "compute": compute_label(config),
-      "device": f"{len(jax.devices())}x {device.device_kind} ({device.platform})",
+      "device": device_label(),
       "batch_size": config.batch_size,
       "image_size": config.image_size,
       "compile_s": t2 - t0,

@@ -142,7 +142,8 @@ class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (as timm / official MAE).
 
   The product runs through `jax.nn.dot_product_attention` (`implementation`: 'xla', or 'cudnn'
-  for cuDNN's fused flash attention on GPUs; `attention_implementation` picks). When the
+  for cuDNN's fused flash attention on GPUs) or `blocked_attention` ('blocked', for CPUs);
+  `attention_implementation` picks. When the
   'intermediates' collection is mutable (analysis, TinyMIM's relations) the probabilities are
   needed as an array, so the product is written out and q, k, v and the map are sown."""
   num_heads: int
@@ -292,7 +293,8 @@ class Compute:
   (`blocks_0`, `blocks_1`, ...); a scan run's training state then holds the blocks stacked
   (`stack_blocks`: one subtree `blocks` with a leading depth axis) and readers of its
   checkpoints unstack them (`unstack_blocks`). Under scan, blocks sow no intermediates: analysis
-  runs without it. `attention`: 'auto' | 'xla' | 'cudnn' (`attention_implementation`)."""
+  runs without it. `attention`: 'auto' | 'xla' | 'cudnn' | 'blocked'
+  (`attention_implementation`)."""
   dtype: str = "float32"
   remat: bool = False
   scan: bool = False
